@@ -1,0 +1,47 @@
+"""Budgets: how many entries a growing layer may keep after each prefill chunk."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .errors import KvcliError
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Either a ratio in (0, 1] of the tokens seen so far, or an absolute entry count."""
+
+    ratio: float | None = None
+    tokens: int | None = None
+
+    def target(self, seen: int) -> int:
+        if self.tokens is not None:
+            return min(self.tokens, seen)
+        return min(seen, max(1, math.ceil(self.ratio * seen)))
+
+    @property
+    def is_full(self) -> bool:
+        return self.ratio == 1.0
+
+    def __str__(self) -> str:
+        return str(self.tokens) if self.tokens is not None else f"{self.ratio:g}"
+
+
+FULL = Budget(ratio=1.0)
+
+
+def parse_budget(value: str | float | int) -> Budget:
+    """Parse ``0.5`` (ratio), ``1``/``1.0`` (everything) or ``2048`` (entries)."""
+    text = str(value).strip()
+    try:
+        number = float(text)
+    except ValueError:
+        raise KvcliError(f"invalid budget {text!r}: give a ratio in (0, 1] or a token count (integer > 1)") from None
+    if not math.isfinite(number) or number <= 0:
+        raise KvcliError(f"invalid budget {text!r}: it must be positive (a ratio in (0, 1] or a token count > 1)")
+    if number <= 1:
+        return Budget(ratio=number)
+    if number != int(number) or ("." in text and not text.endswith(".0")):
+        raise KvcliError(f"invalid budget {text!r}: above 1 it is a token count and must be an integer")
+    return Budget(tokens=int(number))

@@ -1,0 +1,373 @@
+"""The KV cache kvcli owns: per-layer storage that physically shrinks.
+
+It plugs into transformers through the public ``Cache`` / ``CacheLayerMixin`` API, so any
+architecture transformers supports works unchanged.  Storage is per KV head (never
+expanded for grouped-query attention).  Each entry carries its logical position and a
+count of the tokens it stands for; both are materialised only once a method has
+compressed the layer (until then positions are ``0..n-1`` and counts are ones), so the
+full cache holds exactly what transformers' own cache would hold.
+
+Who does what: the cache owns the tensors; the engine tells it the logical positions of
+the tokens in the current forward (``begin_forward``); the attention function reads
+positions/biases and adds attention statistics; methods rewrite a layer only through
+``GrowingLayer.gather`` / ``GrowingLayer.assign``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+
+def _tensor_bytes(*tensors: torch.Tensor | None) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+class _Clock:
+    """Shared by the layers of one cache: positions of the tokens now being forwarded."""
+
+    def __init__(self) -> None:
+        self.positions: torch.Tensor | None = None  # [Lq] long
+
+
+class GrowingLayer(CacheLayerMixin):
+    """A layer whose cache grows with the document: the one compression applies to.
+
+    Tensors: ``keys``/``values`` ``[B, H, cap, D]`` (only ``[:length]`` is valid; ``cap``
+    exceeds ``length`` only after ``reserve`` for decoding, so appends do not copy the
+    cache per token).  Optional per-entry metadata, ``[B, H, cap]``: ``positions``
+    (long), ``counts`` (float, tokens merged into the entry), ``scores`` (accumulated
+    attention received, H2O-style) and ``obs`` (attention from the latest observation
+    window, SnapKV-style).
+    """
+
+    is_sliding = False
+    is_compileable = False
+
+    def __init__(self, clock: _Clock, layer_idx: int) -> None:
+        super().__init__()
+        self.clock = clock
+        self.layer_idx = layer_idx
+        self.length = 0
+        self.positions: torch.Tensor | None = None
+        self.counts: torch.Tensor | None = None
+        self.scores: torch.Tensor | None = None
+        self.obs: torch.Tensor | None = None
+        self.track_scores = False  # set by the cache when the method needs statistics
+
+    # ---- transformers' layer API -------------------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        b, h, _, d = key_states.shape
+        self.keys = key_states.new_empty((b, h, 0, d))
+        self.values = value_states.new_empty((b, h, 0, value_states.shape[-1]))
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n = key_states.shape[-2]
+        old = self.length
+        self.keys = self._append(self.keys, key_states, old)
+        self.values = self._append(self.values, value_states, old)
+        if self.positions is not None:
+            pos = self.clock.positions.to(self.positions.device)
+            pos = pos.view(1, 1, n).expand(self.positions.shape[0], self.positions.shape[1], n)
+            self.positions = self._append(self.positions, pos, old)
+        if self.counts is not None:
+            self.counts = self._append(self.counts, self.counts.new_ones(self._meta_shape(n)), old)
+        if self.scores is not None or self.track_scores:
+            cur = self.scores
+            if cur is None:
+                cur = torch.zeros(self._meta_shape(old), dtype=torch.float32, device=key_states.device)
+            self.scores = self._append(cur, cur.new_zeros(self._meta_shape(n)), old)
+        if self.obs is not None:
+            self.obs = self._append(self.obs, self.obs.new_zeros(self._meta_shape(n)), old)
+        self.length = old + n
+        return self.keys[:, :, : self.length], self.values[:, :, : self.length]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.length + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.__init__(self.clock, self.layer_idx)
+
+    # ---- storage helpers -----------------------------------------------------------
+    def _meta_shape(self, n: int) -> tuple[int, int, int]:
+        return (self.keys.shape[0], self.keys.shape[1], n)
+
+    @staticmethod
+    def _append(buf: torch.Tensor, new: torch.Tensor, used: int) -> torch.Tensor:
+        """Write ``new`` after the first ``used`` entries along dim 2, in place when room."""
+        n = new.shape[2]
+        if used + n <= buf.shape[2]:
+            buf[:, :, used : used + n] = new
+            return buf
+        return torch.cat([buf[:, :, :used], new], dim=2)
+
+    def reserve(self, extra: int) -> None:
+        """Pre-allocate room for ``extra`` more entries, so decoding appends in place."""
+        if not self.is_initialized:
+            return
+        need = self.length + extra
+
+        def grow(t: torch.Tensor | None) -> torch.Tensor | None:
+            if t is None or t.shape[2] >= need:
+                return t
+            out = t.new_zeros((*t.shape[:2], need, *t.shape[3:]))
+            out[:, :, : self.length] = t[:, :, : self.length]
+            return out
+
+        self.keys, self.values = grow(self.keys), grow(self.values)
+        self.positions, self.counts = grow(self.positions), grow(self.counts)
+        self.scores, self.obs = grow(self.scores), grow(self.obs)
+
+    def compact(self) -> None:
+        """Drop spare capacity so the tensors hold exactly ``length`` entries."""
+        if not self.is_initialized:
+            return
+        for name in ("keys", "values", "positions", "counts", "scores", "obs"):
+            t = getattr(self, name)
+            if t is not None and t.shape[2] != self.length:
+                setattr(self, name, t[:, :, : self.length].clone())
+
+    # ---- what methods and the attention function read ----------------------------------
+    def key_positions(self) -> torch.Tensor:
+        """Logical positions ``[B, H, length]`` (materialised lazily for untouched layers)."""
+        if self.positions is not None:
+            return self.positions[:, :, : self.length]
+        b, h = self.keys.shape[:2]
+        return torch.arange(self.length, device=self.keys.device).view(1, 1, -1).expand(b, h, -1)
+
+    def entry_counts(self) -> torch.Tensor:
+        if self.counts is not None:
+            return self.counts[:, :, : self.length]
+        return self.keys.new_ones(self._meta_shape(self.length), dtype=torch.float32)
+
+    def valid(self, name: str) -> torch.Tensor | None:
+        t = getattr(self, name)
+        return None if t is None else t[:, :, : self.length]
+
+    def add_scores(self, received: torch.Tensor) -> None:
+        """Record attention received by each entry from the observation window ``[B, H, length]``."""
+        n = received.shape[-1]
+        received = received.to(torch.float32)
+        if self.scores is None:
+            self.scores = torch.zeros(self._meta_shape(self.length), dtype=torch.float32, device=received.device)
+        self.scores[:, :, :n] += received
+        if self.obs is None or self.obs.shape[2] < self.length:
+            self.obs = torch.zeros(self._meta_shape(self.length), dtype=torch.float32, device=received.device)
+        self.obs[:, :, :n] = received
+
+    # ---- what methods write -------------------------------------------------------------
+    def gather(self, idx: torch.Tensor) -> None:
+        """Keep only entries ``idx`` (``[B, H, K]``, sorted per head): eviction."""
+        positions = self.key_positions()
+        self.assign(
+            keys=self._take(self.keys, idx),
+            values=self._take(self.values, idx),
+            positions=positions.gather(2, idx),
+            counts=None if self.counts is None else self._take(self.counts, idx),
+            scores=None if self.scores is None else self._take(self.scores, idx),
+            obs=None if self.obs is None else self._take(self.obs, idx),
+        )
+
+    def _take(self, t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        t = t[:, :, : self.length]
+        if t.dim() == 4:
+            return t.gather(2, idx.unsqueeze(-1).expand(-1, -1, -1, t.shape[-1]))
+        return t.gather(2, idx)
+
+    def assign(self, keys, values, positions, counts=None, scores=None, obs=None) -> None:
+        """Replace the layer's contents with new (smaller) tensors."""
+        self.keys, self.values = keys.contiguous(), values.contiguous()
+        self.positions = positions.contiguous()
+        self.counts = None if counts is None else counts.contiguous()
+        self.scores = None if scores is None else scores.contiguous()
+        self.obs = None if obs is None else obs.contiguous()
+        self.length = keys.shape[2]
+
+    def nbytes(self) -> int:
+        if not self.is_initialized:
+            return 0
+        return _tensor_bytes(self.keys, self.values, self.positions, self.counts, self.scores, self.obs)
+
+    # ---- checkpoints for answering several questions from one context --------------------
+    def checkpoint(self) -> dict:
+        return {"length": self.length}
+
+    def rollback(self, state: dict) -> None:
+        # Only appends happen after a checkpoint (no compression while answering), so the
+        # entries before ``length`` are untouched; scores of the context are restored too.
+        self.length = state["length"]
+
+
+class WindowLayer(CacheLayerMixin):
+    """A sliding-window layer (e.g. Gemma 3's local layers): keeps its last window, untouched
+    by compression; its size is bounded by the window whatever the document length."""
+
+    is_sliding = True
+    is_compileable = False
+
+    def __init__(self, clock: _Clock, layer_idx: int, sliding_window: int) -> None:
+        super().__init__()
+        self.clock = clock
+        self.layer_idx = layer_idx
+        self.sliding_window = sliding_window
+        self.seen = 0
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        b, h, _, d = key_states.shape
+        self.keys = key_states.new_empty((b, h, 0, d))
+        self.values = value_states.new_empty((b, h, 0, value_states.shape[-1]))
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        full_k = torch.cat([self.keys, key_states], dim=2)
+        full_v = torch.cat([self.values, value_states], dim=2)
+        self.seen += key_states.shape[2]
+        keep = self.sliding_window - 1
+        self.keys, self.values = full_k[:, :, -keep:], full_v[:, :, -keep:]
+        self._returned = full_k.shape[2]
+        return full_k, full_v
+
+    def key_positions(self) -> torch.Tensor:
+        """Positions of the entries returned by the latest ``update`` (contiguous)."""
+        n = self._returned
+        b, h = self.keys.shape[:2]
+        start = self.seen - n
+        return torch.arange(start, self.seen, device=self.keys.device).view(1, 1, -1).expand(b, h, -1)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        held = self.keys.shape[2] if self.is_initialized else 0
+        return held + query_length, max(self.seen - held, 0)
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_max_length(self) -> int:
+        return self.sliding_window
+
+    def reset(self) -> None:
+        self.__init__(self.clock, self.layer_idx, self.sliding_window)
+
+    def reserve(self, extra: int) -> None:  # bounded by the window: nothing to reserve
+        return None
+
+    def compact(self) -> None:
+        if self.is_initialized:
+            self.keys, self.values = self.keys.clone(), self.values.clone()
+
+    def nbytes(self) -> int:
+        return _tensor_bytes(self.keys, self.values) if self.is_initialized else 0
+
+    def checkpoint(self) -> dict:
+        return {"keys": self.keys, "values": self.values, "seen": self.seen}
+
+    def rollback(self, state: dict) -> None:
+        # ``update`` never writes into the saved tensors (it concatenates), so keeping
+        # references is a free snapshot.
+        self.keys, self.values, self.seen = state["keys"], state["values"], state["seen"]
+
+
+@dataclass
+class CacheReport:
+    """Bytes held, counted from the tensors."""
+
+    kv_bytes: int
+    kv_bytes_full: int
+    per_layer: list[int]
+    kept_tokens: list[int]
+    compressed_layers: list[int]
+
+
+class KVCache(Cache):
+    """kvcli's cache: one layer object per model layer, chosen from the model config."""
+
+    def __init__(self, config) -> None:
+        config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        self.clock = _Clock()
+        n = config.num_hidden_layers
+        types = list(getattr(config, "layer_types", None) or ["full_attention"] * n)
+        window = getattr(config, "sliding_window", None)
+        layers: list[CacheLayerMixin] = []
+        for i, t in enumerate(types[:n]):
+            if t in ("sliding_attention", "chunked_attention") and window:
+                layers.append(WindowLayer(self.clock, i, window))
+            else:
+                layers.append(GrowingLayer(self.clock, i))
+        super().__init__(layers=layers)
+        self.seen = 0  # logical tokens processed
+        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.sliding_window = window
+
+    # ---- engine side ----------------------------------------------------------------------
+    def begin_forward(self, positions: torch.Tensor) -> None:
+        """Announce the logical positions ``[Lq]`` of the tokens about to be forwarded."""
+        self.clock.positions = positions
+
+    def end_forward(self, n_tokens: int) -> None:
+        self.seen += n_tokens
+
+    @property
+    def growing_layers(self) -> list[GrowingLayer]:
+        return [l for l in self.layers if isinstance(l, GrowingLayer)]
+
+    @property
+    def growing_indices(self) -> list[int]:
+        return [i for i, l in enumerate(self.layers) if isinstance(l, GrowingLayer)]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.seen
+
+    def reserve(self, extra: int) -> None:
+        for layer in self.layers:
+            layer.reserve(extra)
+
+    def compact(self) -> None:
+        for layer in self.layers:
+            layer.compact()
+
+    def checkpoint(self) -> dict:
+        return {"seen": self.seen, "layers": [l.checkpoint() for l in self.layers]}
+
+    def rollback(self, state: dict) -> None:
+        self.seen = state["seen"]
+        for layer, s in zip(self.layers, state["layers"]):
+            layer.rollback(s)
+
+    # ---- accounting -------------------------------------------------------------------------
+    def nbytes(self) -> int:
+        return sum(l.nbytes() for l in self.layers)
+
+    def full_bytes(self, dtype: torch.dtype, batch: int = 1) -> int:
+        """What an uncompressed cache would hold for the tokens seen so far."""
+        esize = torch.empty((), dtype=dtype).element_size()
+        per_entry = batch * self.num_kv_heads * 2 * self.head_dim * esize
+        total = 0
+        for layer in self.layers:
+            n = self.seen if isinstance(layer, GrowingLayer) else min(self.seen, layer.sliding_window - 1)
+            total += n * per_entry
+        return total
+
+    def report(self, dtype: torch.dtype) -> CacheReport:
+        idx = self.growing_indices
+        return CacheReport(
+            kv_bytes=self.nbytes(),
+            kv_bytes_full=self.full_bytes(dtype),
+            per_layer=[l.nbytes() for l in self.layers],
+            kept_tokens=[self.layers[i].length for i in idx],
+            compressed_layers=idx,
+        )

@@ -1,0 +1,176 @@
+"""The loop: chunked prefill with compression after every chunk, then decoding.
+
+Every forward gets explicit logical ``position_ids`` (transformers >= 5.4 drives RoPE from
+them alone), so a cache physically shorter than the tokens seen stays correct.  The
+engine never touches cache tensors: the cache stores, the method compresses.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from .attention import RunState
+from .budget import Budget
+from .cache import KVCache
+from .methods.base import Method
+
+
+@dataclass
+class Sampler:
+    """Greedy by default; temperature / nucleus sampling with a seeded generator."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    _gen: torch.Generator | None = field(default=None, repr=False)
+
+    def __call__(self, logits: torch.Tensor) -> int:
+        if self.temperature <= 0:
+            return int(torch.argmax(logits, dim=-1))
+        if self._gen is None:
+            self._gen = torch.Generator(device="cpu")
+            self._gen.manual_seed(self.seed if self.seed is not None else int(time.time_ns() % 2**31))
+        probs = torch.softmax(logits.float().cpu() / self.temperature, dim=-1)
+        if self.top_p < 1.0:
+            sorted_p, order = torch.sort(probs, descending=True)
+            cut = torch.cumsum(sorted_p, dim=-1) - sorted_p > self.top_p
+            sorted_p[cut] = 0
+            probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+        return int(torch.multinomial(probs / probs.sum(), 1, generator=self._gen))
+
+
+@dataclass
+class PrefillStats:
+    tokens: int = 0
+    seconds: float = 0.0
+    compress_seconds: float = 0.0
+    chunks: int = 0
+    max_cache_bytes: int = 0  # largest physical cache seen at a chunk boundary (before compression)
+    trace: list[dict] = field(default_factory=list)  # per chunk: tokens, kv_bytes (for plots)
+
+
+class Engine:
+    """Drives one model over one cache with one method and budget."""
+
+    def __init__(
+        self,
+        model,
+        method: Method,
+        budget: Budget,
+        chunk_size: int = 512,
+        obs_window: int = 64,
+        backend: str = "sdpa",
+    ) -> None:
+        if chunk_size < 1:
+            raise ValueError("chunk_size must be positive")
+        self.model = model
+        self.method = method
+        self.budget = budget
+        self.chunk_size = chunk_size
+        self.device = next(model.parameters()).device
+        self.cache = KVCache(model.config)
+        track = method.needs_scores and not budget.is_full
+        for layer in self.cache.growing_layers:
+            layer.track_scores = track
+        self.state = RunState(
+            cache=self.cache,
+            count_bias=method.count_bias,
+            collect_stats=track,
+            obs_window=obs_window,
+            backend=backend,
+        )
+        self.last_logits: torch.Tensor | None = None
+        self.stats = PrefillStats()
+        if hasattr(method, "attach"):
+            method.attach(self.cache, self.state)
+
+    # ---- forwards ------------------------------------------------------------------------
+    @torch.inference_mode()
+    def forward(self, ids: torch.Tensor, collect: bool | None = None) -> torch.Tensor:
+        """Forward ``ids`` (``[1, n]``) at the next logical positions; returns last logits."""
+        n = ids.shape[-1]
+        start = self.cache.seen
+        pos = torch.arange(start, start + n, device=self.device)
+        self.cache.begin_forward(pos)
+        saved = self.state.collect_stats
+        if collect is not None:
+            self.state.collect_stats = collect and saved
+        try:
+            out = self.model(
+                input_ids=ids.to(self.device),
+                position_ids=pos.unsqueeze(0),
+                past_key_values=self.cache,
+                use_cache=True,
+                logits_to_keep=1,
+                kvcli_state=self.state,
+            )
+        finally:
+            self.state.collect_stats = saved
+        self.cache.end_forward(n)
+        return out.logits[0, -1]
+
+    @torch.inference_mode()
+    def probe(self, probe_ids: torch.Tensor) -> None:
+        """Query-aware scoring: let ``probe_ids`` (the question) observe the context, record
+        the attention it pays each entry, then remove every trace of it from the cache."""
+        mark = self.cache.checkpoint()
+        self.state.probe_len = probe_ids.shape[-1]
+        try:
+            self.forward(probe_ids)
+        finally:
+            self.state.probe_len = 0
+            self.cache.rollback(mark)
+
+    def prefill(
+        self,
+        ids: torch.Tensor,
+        probe_ids: torch.Tensor | None = None,
+        on_chunk: Callable[[int, int], None] | None = None,
+    ) -> torch.Tensor:
+        """Stream ``ids`` (``[1, T]``) through the model chunk by chunk, compressing after
+        each chunk so the cache never exceeds the budget plus one chunk."""
+        total = ids.shape[-1]
+        t0 = time.perf_counter()
+        done = 0
+        while done < total:
+            chunk = ids[:, done : done + self.chunk_size]
+            collect = probe_ids is None
+            self.last_logits = self.forward(chunk, collect=collect)
+            done += chunk.shape[-1]
+            self.stats.max_cache_bytes = max(self.stats.max_cache_bytes, self.cache.nbytes())
+            if not self.budget.is_full:
+                c0 = time.perf_counter()
+                if probe_ids is not None and self.state.collect_stats:
+                    self.probe(probe_ids)
+                self.method.compress(self.cache, self.budget)
+                self.stats.compress_seconds += time.perf_counter() - c0
+            self.stats.chunks += 1
+            self.stats.trace.append({"tokens": self.cache.seen, "kv_bytes": self.cache.nbytes()})
+            if on_chunk is not None:
+                on_chunk(done, total)
+        self.cache.compact()
+        self.stats.tokens += total
+        self.stats.seconds += time.perf_counter() - t0
+        return self.last_logits
+
+    # ---- decoding ------------------------------------------------------------------------
+    def generate(
+        self,
+        first_logits: torch.Tensor,
+        max_new_tokens: int,
+        sampler: Sampler,
+        eos_ids: set[int],
+    ) -> Iterator[int]:
+        """Yield tokens one at a time (no compression while decoding; appends are in place)."""
+        self.cache.reserve(max_new_tokens + 1)
+        logits = first_logits
+        for i in range(max_new_tokens):
+            token = sampler(logits)
+            yield token
+            if token in eos_ids or i == max_new_tokens - 1:
+                return
+            logits = self.forward(torch.tensor([[token]], device=self.device), collect=False)

@@ -1,0 +1,60 @@
+"""Shared fixtures: tiny random models built in-process (no downloads)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import torch
+import transformers
+
+
+def tiny_llama(num_kv_heads: int = 2, layers: int = 2, vocab: int = 128, seed: int = 0):
+    """Llama-shaped: 4 query heads, grouped-query attention (2 KV heads) or MQA (1)."""
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(
+        vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=num_kv_heads, max_position_embeddings=4096,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )
+    return transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval()
+
+
+def tiny_gemma3(layers: int = 4, window: int = 8, vocab: int = 128, seed: int = 0):
+    """Gemma3-shaped: sliding-window layers with a full-attention layer every 2nd layer, MQA."""
+    torch.manual_seed(seed)
+    cfg = transformers.Gemma3TextConfig(
+        vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=1, head_dim=16, sliding_window=window,
+        layer_types=["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(layers)],
+        max_position_embeddings=4096, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        query_pre_attn_scalar=16,
+    )
+    return transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval()
+
+
+class IdTokenizer:
+    """Minimal tokenizer stand-in for raw-id runs on tiny models."""
+
+    bos_token_id = 1
+    eos_token_id = 2
+
+    def encode(self, text, add_special_tokens=False):
+        return [3 + (ord(c) % 100) for c in text]
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(i) for i in ids)
+
+
+MODEL_FACTORIES = {
+    "llama-gqa": lambda: tiny_llama(num_kv_heads=2),
+    "llama-mqa": lambda: tiny_llama(num_kv_heads=1),
+    "gemma3": lambda: tiny_gemma3(),
+}
+
+
+@pytest.fixture(params=list(MODEL_FACTORIES))
+def tiny_model(request):
+    return request.param, MODEL_FACTORIES[request.param]()
