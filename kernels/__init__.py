@@ -22,7 +22,10 @@ __all__ = [
 ]
 
 # Whether the triton package is installed (checked without importing it).
-TRITON_AVAILABLE: bool = importlib.util.find_spec("triton") is not None
+try:
+    TRITON_AVAILABLE: bool = importlib.util.find_spec("triton") is not None
+except (ImportError, ValueError):  # pragma: no cover
+    TRITON_AVAILABLE = False
 
 
 def _triton_importable() -> bool:
