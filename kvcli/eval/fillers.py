@@ -196,7 +196,7 @@ def _fill(template: str, rng: random.Random, topic: dict[str, tuple[str, ...]],
 
 def _prose(rng: random.Random) -> Iterator[str]:
     towns = [_place(rng, _TOWN_ENDS) for _ in range(4)]
-    rivers = ["the " + _place(rng, _RIVER_ENDS) for _ in range(3)]
+    rivers = [_place(rng, _RIVER_ENDS) for _ in range(3)]
     names = list(_TOPICS)
     while True:
         topic = _TOPICS[rng.choice(names)]

@@ -39,7 +39,7 @@ NEEDLE = "The special magic number for {key} is: {value}."
 _N_NEEDLES = 4  # multikey: 1 real + 3 distractors; multivalue / multiquery: 4 needles
 _VT_HOPS = 4
 _FWE_TOP = 3
-_FWE_ALPHA = 2.0
+_FWE_ALPHA = 1.5
 
 _ADJECTIVES = (
     "brave", "quiet", "amber", "hollow", "swift", "gentle", "silver", "crooked", "bright",
