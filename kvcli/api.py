@@ -175,8 +175,8 @@ class Context:
 
     def report(self) -> dict:
         """Measured figures for ``--json`` and benchmarks (bytes counted from tensors)."""
-        rep = self.engine.cache.report(self.lm.dtype)
         stats = self.engine.stats
+        rep = stats.report or self.engine.cache.report(self.lm.dtype)
         return {
             "model": self.lm.name,
             "method": self.engine.method.name,

@@ -51,6 +51,7 @@ class PrefillStats:
     chunks: int = 0
     max_cache_bytes: int = 0  # largest physical cache seen at a chunk boundary (before compression)
     trace: list[dict] = field(default_factory=list)  # per chunk: tokens, kv_bytes (for plots)
+    report: object = None  # CacheReport taken right after prefill (before any question)
 
 
 class Engine:
@@ -153,6 +154,7 @@ class Engine:
             if on_chunk is not None:
                 on_chunk(done, total)
         self.cache.compact()
+        self.stats.report = self.cache.report(next(self.model.parameters()).dtype)
         self.stats.tokens += total
         self.stats.seconds += time.perf_counter() - t0
         return self.last_logits

@@ -158,6 +158,10 @@ def load_model(name: str | None = None, device: str = "auto", dtype: str = "auto
 
     from .attention import ATTN_NAME
 
+    if quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     name = name or DEFAULT_MODEL
