@@ -7,12 +7,13 @@ from .base import Method
 from .cam import CaM
 from .full import FullCache
 from .h2o import H2O
+from .kvmerger import KVMerger
 from .snapkv import SnapKV
 from .streaming import StreamingLLM
 
 REGISTRY: dict[str, type[Method]] = {
     cls.name: cls
-    for cls in (FullCache, StreamingLLM, H2O, SnapKV, CaM)
+    for cls in (FullCache, StreamingLLM, H2O, SnapKV, CaM, KVMerger)
 }
 
 

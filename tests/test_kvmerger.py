@@ -1,0 +1,121 @@
+"""KVMerger on hand-built tensors: sets, weights, exact budgets, accumulating counts."""
+
+import math
+
+import pytest
+import torch
+
+from kvcli.cache import GrowingLayer, _Clock
+from kvcli.errors import KvcliError
+from kvcli.methods import make_method
+
+
+def make_layer(keys: torch.Tensor, values: torch.Tensor | None = None, scores=None) -> GrowingLayer:
+    """A growing layer holding ``keys`` [H, n, D] at positions 0..n-1."""
+    h, n, d = keys.shape
+    clock = _Clock()
+    clock.positions = torch.arange(n)
+    layer = GrowingLayer(clock, 0)
+    layer.track_scores = True
+    values = values if values is not None else torch.randn(h, n, d)
+    layer.update(keys.unsqueeze(0).clone(), values.unsqueeze(0).clone())
+    layer.scores = (scores if scores is not None else torch.ones(h, n)).unsqueeze(0).clone().float()
+    return layer
+
+
+def direction(i: int, d: int = 8) -> torch.Tensor:
+    v = torch.zeros(d)
+    v[i % d] = 1.0
+    return v
+
+
+def merger(**kw):
+    base = dict(n_sink=0, recent=0.0, heavy=0.0)
+    base.update(kw)
+    return make_method("kvmerger", **base)
+
+
+def test_sets_join_similar_neighbours_never_across_a_dissimilar_one():
+    # entries 0-4 share one direction, 5 is orthogonal, 6-9 share another.
+    keys = torch.stack([direction(0)] * 5 + [direction(3)] + [direction(5)] * 4).unsqueeze(0)
+    keys = keys + 0.01 * torch.randn_like(keys)
+    m = merger()
+    prot = torch.zeros(1, 10, dtype=torch.bool)
+    sets = m.merging_sets(keys.unsqueeze(0), prot, n_merge=9)[0].tolist()
+    assert sets == [0, 0, 0, 0, 0, 1, 2, 2, 2, 2]
+
+
+def test_protected_entries_are_never_merged():
+    keys = torch.stack([direction(0)] * 10).unsqueeze(0)
+    m = merger(n_sink=2, recent=0.5)
+    prot = m.protected(torch.ones(1, 10), target=4)  # sinks 0,1 and recent 8,9
+    assert prot[0].tolist() == [True, True] + [False] * 6 + [True, True]
+    sets = m.merging_sets(keys.unsqueeze(0), prot, n_merge=6)[0].tolist()
+    assert sets == [0, 1, 2, 2, 2, 2, 2, 2, 3, 4]
+
+
+def test_most_similar_pairs_merge_first_when_budget_needs_few():
+    keys = torch.stack([direction(0), direction(0) * 0.9 + direction(1) * 0.45, direction(1) * 0.9 + direction(0) * 0.5,
+                        direction(2), direction(2)]).unsqueeze(0)
+    m = merger(threshold=0.5)
+    sets = m.merging_sets(keys.unsqueeze(0), torch.zeros(1, 5, dtype=torch.bool), n_merge=1)[0].tolist()
+    assert sets == [0, 1, 2, 3, 3]  # only the identical pair (3, 4)
+
+
+@pytest.mark.parametrize("value_mode", ["bias", "scale"])
+def test_weights_follow_the_gaussian_kernel_formula(value_mode):
+    torch.manual_seed(0)
+    base = torch.randn(8)
+    keys = torch.stack([base + 0.3 * torch.randn(8) for _ in range(4)]).unsqueeze(0)  # one set of 4
+    values = torch.randn(1, 4, 8)
+    scores = torch.tensor([[0.1, 0.7, 0.2, 0.05]])  # pivot = entry 1
+    layer = make_layer(keys, values, scores)
+    m = merger(threshold=-1.0, sigma=2.0, value_mode=value_mode)
+    m.compress_layer(layer, target=1)
+    k = keys[0]
+    g = torch.exp(-((k[1] - k) ** 2).sum(-1) / (2 * 2.0**2))
+    w = g / g.sum()
+    torch.testing.assert_close(layer.keys[0, 0, 0], (w[:, None] * k).sum(0))
+    expected_v = (w[:, None] * values[0]).sum(0) * (4 if value_mode == "scale" else 1)
+    torch.testing.assert_close(layer.values[0, 0, 0], expected_v)
+    assert layer.key_positions()[0, 0].tolist() == [1]  # the pivot's slot
+    assert layer.entry_counts()[0, 0].tolist() == [4.0]
+    assert m.count_bias == (value_mode == "bias")
+
+
+@pytest.mark.parametrize("similar", [True, False])
+def test_budget_is_exact(similar):
+    torch.manual_seed(1)
+    n = 40
+    keys = (torch.stack([direction(i // 5) for i in range(n)]) if similar else torch.randn(n, 8)).unsqueeze(0)
+    layer = make_layer(keys + 0.01 * torch.randn_like(keys), scores=torch.rand(1, n))
+    m = merger(n_sink=2, recent=0.2)  # protects 2 + 3 entries: 27 similar pairs remain, 27 needed
+    m.compress_layer(layer, target=13)
+    assert layer.length == 13 and layer.keys.shape[2] == 13
+    counts = layer.entry_counts()[0, 0]
+    if similar:
+        assert counts.sum().item() == n  # nothing evicted: every token is represented
+    else:
+        assert counts.sum().item() < n  # dissimilar keys: fell back to eviction
+    pos = layer.key_positions()[0, 0]
+    assert torch.all(pos[1:] > pos[:-1])  # slots stay in position order
+
+
+def test_counts_accumulate_across_repeated_merges():
+    keys = torch.stack([direction(0)] * 30).unsqueeze(0) + 0.001 * torch.randn(1, 30, 8)
+    layer = make_layer(keys)
+    m = merger()
+    m.compress_layer(layer, target=10)
+    assert layer.entry_counts().sum().item() == 30
+    # more tokens arrive, then merge again: earlier merged entries merge again
+    layer.clock.positions = torch.arange(30, 40)
+    layer.update(direction(0).expand(1, 1, 10, 8).clone(), torch.randn(1, 1, 10, 8))
+    m.compress_layer(layer, target=5)
+    counts = layer.entry_counts()[0, 0]
+    assert layer.length == 5 and counts.sum().item() == 40 and counts.max().item() > 10
+
+
+def test_invalid_options_are_clear_errors():
+    for bad in ({"threshold": 2}, {"sigma": 0}, {"recent": 0.9, "heavy": 0.5}, {"value_mode": "x"}):
+        with pytest.raises(KvcliError):
+            make_method("kvmerger", **bad)
