@@ -1,0 +1,493 @@
+"""Measure what each compression method costs on one document: KV bytes, memory, speed.
+
+Each method gets one real prefill of the same document, then greedy decoding of a fixed
+number of tokens after a fixed short question (EOS does not stop it, so every method
+decodes the same count).  Figures per method (a "row"): KV bytes (counted from the cache
+tensors, as ``Context.report``), peak RSS, CUDA peak memory, prefill tokens/s, time to
+first token (prefill call to first generated token, the question's forward included) and
+decode tokens/s (the tokens after the first, one forward each).
+
+Peak memory, per method, isolated (the default): every method runs in its own child
+process (``python -m kvcli.profile``, own session) that loads the model afresh.  In one
+process, memory an earlier method freed stays mapped by the allocator and hides part of a
+later method's peak, and ``ru_maxrss`` only ever grows.  In the child, once the weights
+are loaded, the kernel's high-water mark is reset (``/proc/self/clear_refs`` = 5) and
+``VmHWM`` read after decoding: the exact peak of prefill + decode, weights included
+(``rss_baseline_bytes`` is the RSS before prefill).  Where that reset is unavailable a
+psutil sampling thread (5 ms) measures the peak instead (``rss_method`` says which).
+In-process mode (``isolate=False``, ``--no-isolate``; tests) trims the allocator and resets
+the mark before each method; faster, less exact.  CUDA: ``max_memory_allocated`` after
+``reset_peak_memory_stats`` before each method (weights included).
+
+Ctrl-C: the parent forwards SIGINT to the child, which reports what it measured so far;
+``run_profile`` returns the rows so far with ``interrupted`` set.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .errors import KvcliError
+
+QUESTION = "What is the main point of the document?"
+DEFAULT_TOKENS = 8192
+DEFAULT_DECODE = 32
+TASK_KIND, TASK_SEED = "niah_single", 0
+
+
+# ---- memory ---------------------------------------------------------------------------------
+def current_rss() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def _vmhwm() -> int | None:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def trim_allocator() -> None:
+    """Give freed heap memory back to the OS (glibc), so a baseline is not inflated."""
+    import gc
+
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class PeakMemory:
+    """Peak RSS from ``start()`` on: the kernel's VmHWM after a reset, else sampling."""
+
+    def __init__(self, interval: float = 0.005) -> None:
+        self.interval = interval
+        self.method = "vmhwm"
+        self.baseline = 0
+        self._peak = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> "PeakMemory":
+        self.baseline = current_rss()
+        try:
+            with open("/proc/self/clear_refs", "w") as fh:
+                fh.write("5")
+            if _vmhwm() is None:
+                raise OSError
+        except OSError:
+            self.method = "sampled"
+            self._peak = self.baseline
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._peak = max(self._peak, current_rss())
+
+    def peak(self) -> int:
+        if self.method == "vmhwm":
+            return max(_vmhwm() or 0, current_rss())
+        self._peak = max(self._peak, current_rss())
+        return self._peak
+
+    def stop(self) -> int:
+        value = self.peak()
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        return value
+
+
+def warm_up(lm) -> None:
+    """A 4-token prefill and one decode step before measuring: weights loaded from
+    safetensors are memory-mapped and count in RSS only once read, and the first forward
+    initialises kernels and thread pools; the first method measured must pay for neither."""
+    import torch
+
+    from . import api
+
+    ctx = api.prefill(lm, torch.arange(4), method="full", chunk_size=4, raw=True)
+    ctx.generate_ids(None, 1)
+
+
+# ---- one method ---------------------------------------------------------------------------------
+class ProfileInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a measurement; ``row`` holds what was measured until then."""
+
+    def __init__(self, row: dict) -> None:
+        super().__init__()
+        self.row = row
+
+
+@dataclass
+class Measurement:
+    row: dict
+    context: object = None  # the ``api.Context`` (in-process only), cache as after prefill
+
+
+def _cuda(lm) -> bool:
+    return getattr(lm.device, "type", str(lm.device)) == "cuda"
+
+
+def _decode(ctx, question: str, n: int) -> tuple[float | None, float, int]:
+    """Greedy decoding of ``n`` tokens after ``question``; returns (seconds to the first
+    token, seconds for the rest, tokens).  The context is restored to its state after
+    prefill, spare capacity included, so its tensors are exactly what was reported."""
+    from .engine import Sampler
+
+    engine = ctx.engine
+    cache = engine.cache
+    if n <= 0:
+        return None, 0.0, 0
+    ids = ctx.tokenizer.encode(ctx.template.question(question), add_special_tokens=False)
+    import torch
+
+    mark = cache.checkpoint()
+    t0 = time.perf_counter()
+    first = None
+    count = 0
+    try:
+        logits = engine.last_logits
+        for start in range(0, len(ids), engine.chunk_size):
+            logits = engine.forward(torch.tensor([ids[start : start + engine.chunk_size]], dtype=torch.long), collect=False)
+        for _ in engine.generate(logits, n, Sampler(), eos_ids=set()):
+            count += 1
+            if first is None:
+                first = time.perf_counter() - t0
+    finally:
+        cache.rollback(mark)
+        cache.compact()
+    return first, time.perf_counter() - t0 - (first or 0.0), count
+
+
+def measure(lm, document, method: str, budget, chunk_size: int = 512, method_options: dict | None = None,
+            decode_tokens: int = DEFAULT_DECODE, question: str = QUESTION, backend: str = "sdpa",
+            raw: bool = False, truncate: bool = True, on_chunk: Callable[[int, int], None] | None = None,
+            keep_context: bool = False) -> Measurement:
+    """Prefill ``document`` once with ``method`` and decode; one row of figures.
+
+    Ctrl-C raises ``ProfileInterrupted`` carrying the figures measured so far.
+    """
+    from . import api
+    from .budget import parse_budget
+
+    budget = parse_budget(budget) if not hasattr(budget, "target") else budget
+    cuda = _cuda(lm)
+    if cuda:
+        import torch
+
+        torch.cuda.synchronize(lm.device)
+        torch.cuda.reset_peak_memory_stats(lm.device)
+    mem = PeakMemory().start()
+    row: dict = {"method": method, "budget": "1" if method == "full" else str(budget), "model": lm.name,
+                 "device": str(lm.device), "dtype": str(lm.dtype).removeprefix("torch."), "chunk_size": chunk_size,
+                 "status": "ok", "rss_baseline_bytes": mem.baseline, "rss_method": mem.method}
+    trace_mem: list[dict] = []
+    t_start = time.perf_counter()
+    state = {"done": 0}
+
+    def cb(done: int, total: int) -> None:
+        state["done"] = done
+        sample = {"tokens": done, "rss_bytes": current_rss(), "peak_rss_bytes": mem.peak()}
+        if cuda:
+            import torch
+
+            sample["cuda_bytes"] = torch.cuda.memory_allocated(lm.device)
+        trace_mem.append(sample)
+        if on_chunk is not None:
+            on_chunk(done, total)
+
+    def finish_memory() -> None:
+        row["peak_rss_bytes"] = mem.stop()
+        row["cuda_peak_bytes"] = None
+        if cuda:
+            import torch
+
+            row["cuda_peak_bytes"] = torch.cuda.max_memory_allocated(lm.device)
+
+    try:
+        ctx = api.prefill(lm, document, method=method, budget=budget, chunk_size=chunk_size, truncate=truncate,
+                          method_options=method_options, backend=backend, raw=raw, on_progress=cb)
+        rep = ctx.report()
+        stats = ctx.engine.stats
+        row.update({
+            "method_options": rep["method_options"], "tokens": rep["context_tokens"],
+            "truncated_tokens": rep["truncated_tokens"], "kv_bytes": rep["kv_bytes"],
+            "kv_bytes_full": rep["kv_bytes_full"], "kv_ratio": rep["kv_ratio"],
+            "peak_prefill_kv_bytes": stats.max_cache_bytes, "compressed_layers": rep["compressed_layers"],
+            "kv_bytes_all_layers": rep["kv_bytes_all_layers"], "kept_tokens": rep["kept_tokens"],
+            "prefill_seconds": rep["prefill_seconds"], "prefill_tokens_per_second": rep["prefill_tokens_per_second"],
+            "compress_seconds": rep["compress_seconds"],
+            "trace": [{**m, **t} for t, m in zip(stats.trace, trace_mem)],
+        })
+        t_prefilled = time.perf_counter()
+        first, rest, count = _decode(ctx, question, decode_tokens)
+        row["ttft_seconds"] = None if first is None else (t_prefilled - t_start) + first
+        row["decode_tokens"] = count
+        row["decode_seconds"] = rest
+        row["decode_tokens_per_second"] = (count - 1) / rest if count > 1 and rest > 0 else None
+        finish_memory()
+    except KeyboardInterrupt:
+        finish_memory()
+        row["status"] = "interrupted"
+        row.setdefault("tokens", state["done"])
+        row.setdefault("prefill_seconds", time.perf_counter() - t_start)
+        row.setdefault("prefill_tokens_per_second", state["done"] / row["prefill_seconds"] if state["done"] else None)
+        row.setdefault("trace", trace_mem)  # no KV bytes: the cache is inside the interrupted prefill
+        raise ProfileInterrupted(row) from None
+    return Measurement(row=row, context=ctx if keep_context else None)
+
+
+# ---- a whole profile ------------------------------------------------------------------------------
+@dataclass
+class ProfileSpec:
+    """What to profile.  ``document`` is text (or token ids with ``raw``)."""
+
+    document: object
+    methods: list[str]
+    budget: str = "0.5"
+    chunk_size: int = 512
+    options: dict[str, dict] = field(default_factory=dict)  # per method
+    decode_tokens: int = DEFAULT_DECODE
+    model: str = "embedded"
+    device: str = "auto"
+    dtype: str = "auto"
+    backend: str = "sdpa"
+    question: str = QUESTION
+    raw: bool = False
+
+
+@dataclass
+class ProfileResult:
+    rows: list[dict]
+    interrupted: bool = False
+
+
+# on_event(event, method, data): "start", "loaded", "chunk" (data = (done, total)), "decode", "done" (data = row)
+EventFn = Callable[[str, str, object], None]
+
+
+def run_profile(spec: ProfileSpec, lm=None, isolate: bool = True, on_event: EventFn | None = None) -> ProfileResult:
+    """Every method of ``spec`` in turn: isolated child processes, or in-process with ``lm``."""
+    emit = on_event or (lambda *a: None)
+    rows: list[dict] = []
+    if not isolate and lm is not None:
+        warm_up(lm)
+    for method in spec.methods:
+        emit("start", method, None)
+        try:
+            if isolate:
+                row = _run_child(spec, method, emit)
+            else:
+                if lm is None:
+                    raise ValueError("in-process profiling needs a loaded model")
+                trim_allocator()
+                emit("loaded", method, None)
+                row = _in_process(spec, method, lm, emit)
+        except ProfileInterrupted as exc:
+            rows.append(exc.row)
+            return ProfileResult(rows, interrupted=True)
+        except KeyboardInterrupt:
+            return ProfileResult(rows, interrupted=True)
+        rows.append(row)
+        emit("done", method, row)
+    if rows and all(r.get("status", "").startswith("error") for r in rows):
+        raise KvcliError(rows[0].get("error", "every method failed"))
+    return ProfileResult(rows)
+
+
+def _in_process(spec: ProfileSpec, method: str, lm, emit: EventFn) -> dict:
+    try:
+        m = measure(lm, spec.document, method, spec.budget, spec.chunk_size, spec.options.get(method),
+                    spec.decode_tokens, spec.question, spec.backend, raw=spec.raw,
+                    on_chunk=lambda d, t: emit("chunk", method, (d, t)))
+    except KvcliError as exc:
+        return {"method": method, "budget": spec.budget, "status": "error", "error": str(exc)}
+    return m.row
+
+
+def _child_spec(spec: ProfileSpec, method: str) -> dict:
+    doc = list(map(int, spec.document)) if spec.raw else spec.document
+    return {"model": spec.model, "device": spec.device, "dtype": spec.dtype, "document": doc, "raw": spec.raw,
+            "method": method, "budget": spec.budget, "chunk_size": spec.chunk_size,
+            "options": spec.options.get(method) or {}, "decode_tokens": spec.decode_tokens,
+            "question": spec.question, "backend": spec.backend}
+
+
+def _run_child(spec: ProfileSpec, method: str, emit: EventFn) -> dict:
+    with tempfile.TemporaryFile(mode="w+", prefix="kvcli-profile-") as errf:
+        proc = subprocess.Popen([sys.executable, "-m", "kvcli.profile"], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=errf, start_new_session=True, text=True)
+        result: dict | None = None
+        try:
+            proc.stdin.write(json.dumps(_child_spec(spec, method)))
+            proc.stdin.close()
+            for line in proc.stdout:
+                msg = json.loads(line)
+                kind = msg["event"]
+                if kind in ("row", "interrupted", "error"):
+                    result = msg
+                else:
+                    emit(kind, method, tuple(msg["data"]) if msg.get("data") is not None else None)
+            proc.wait()
+        except KeyboardInterrupt:
+            result = _interrupt_child(proc)
+            row = (result or {}).get("row") or {"method": method, "budget": spec.budget, "status": "interrupted"}
+            row["status"] = "interrupted"
+            raise ProfileInterrupted(row) from None
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        if result is None or result["event"] == "interrupted":
+            errf.seek(0)
+            tail = [l for l in errf.read().strip().splitlines() if l.strip()]
+            why = tail[-1][:300] if tail else f"exit status {proc.returncode}"
+            return {"method": method, "budget": spec.budget, "status": "error", "error": f"{method}: child process failed ({why})"}
+        if result["event"] == "error":
+            return {"method": method, "budget": spec.budget, "status": "error", "error": result["message"]}
+        return result["row"]
+
+
+def _interrupt_child(proc: subprocess.Popen) -> dict | None:
+    """Ask the child (own session, so Ctrl-C did not reach it) to stop and report."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+    timer = threading.Timer(15, proc.kill)  # a child stuck in one long operation
+    timer.start()
+    result = None
+    try:
+        for line in proc.stdout:
+            msg = json.loads(line)
+            if msg["event"] in ("row", "interrupted"):
+                result = msg
+                break
+    except (KeyboardInterrupt, ValueError, OSError):
+        pass
+    finally:
+        timer.cancel()
+    return result
+
+
+def _child_main() -> None:
+    """Child side: read one spec (JSON) on stdin, report events as JSON lines on stdout."""
+    proto = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)  # stray prints go to stderr, never into the protocol
+    sys.stdout = sys.stderr
+
+    def send(event: str, **data) -> None:
+        proto.write(json.dumps({"event": event, **data}) + "\n")
+        proto.flush()
+
+    try:
+        spec = json.loads(sys.stdin.read())
+        from . import api
+
+        lm = api.load_model(spec["model"], device=spec["device"], dtype=spec["dtype"], quiet=True)
+        warm_up(lm)
+        trim_allocator()
+        send("loaded")
+        m = measure(lm, spec["document"], spec["method"], spec["budget"], spec["chunk_size"], spec["options"],
+                    spec["decode_tokens"], spec["question"], spec["backend"], raw=spec["raw"],
+                    on_chunk=lambda d, t: send("chunk", data=[d, t]))
+        send("row", row=m.row)
+    except ProfileInterrupted as exc:
+        send("row", row=exc.row)
+    except KeyboardInterrupt:
+        send("interrupted")
+    except KvcliError as exc:
+        send("error", message=str(exc))
+    except Exception as exc:  # reported as one line by the parent
+        send("error", message=f"{spec.get('method', '?') if 'spec' in locals() else '?'}: {type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0][:200] if str(exc) else ''}")
+
+
+# ---- documents ---------------------------------------------------------------------------------------
+def default_document(tokenizer, tokens: int = DEFAULT_TOKENS) -> str:
+    """A generated haystack of ``tokens`` tokens (a RULER-style needle task's context)."""
+    from .eval.tasks import generate_task
+
+    return generate_task(TASK_KIND, tokenizer, int(tokens), TASK_SEED).context
+
+
+def first_tokens(tokenizer, text: str, tokens: int) -> str:
+    """The text of the first ``tokens`` tokens of ``text``."""
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    return text if len(ids) <= tokens else tokenizer.decode(ids[:tokens])
+
+
+# ---- plot ------------------------------------------------------------------------------------------
+def plot_rows(rows: list[dict], path: str, title: str = "") -> None:
+    """KV bytes and process memory against tokens processed, one line per method.
+
+    Written to a temporary file next to ``path`` and renamed, so a failure leaves nothing
+    half-written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    mib = 1024 * 1024
+    has_mem = any(t.get("rss_bytes") for r in rows for t in r.get("trace") or [])
+    fig, axes = plt.subplots(1, 2 if has_mem else 1, figsize=(12 if has_mem else 7, 4.8), squeeze=False)
+    ax_kv = axes[0][0]
+    for r in rows:
+        trace = [t for t in r.get("trace") or [] if t.get("tokens") is not None]
+        if not trace:
+            continue
+        label = r["method"] if r["method"] == "full" else f"{r['method']} @ {r.get('budget')}"
+        xs = [t["tokens"] for t in trace]
+        nan = float("nan")
+        ax_kv.plot(xs, [t.get("kv_bytes", nan) / mib for t in trace], marker=".", label=label)
+        if has_mem:
+            axes[0][1].plot(xs, [t.get("rss_bytes", nan) / mib for t in trace], marker=".", label=label)
+    ax_kv.set_title("KV cache held after each chunk" + (" (estimate)" if rows and rows[0].get("estimate") else ""))
+    ax_kv.set_xlabel("tokens processed")
+    ax_kv.set_ylabel("KV cache (MiB)")
+    ax_kv.set_ylim(bottom=0)
+    if has_mem:
+        ax = axes[0][1]
+        ax.set_title("process memory (RSS) after each chunk")
+        ax.set_xlabel("tokens processed")
+        ax.set_ylabel("RSS (MiB)")
+    for ax in axes[0]:
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize="small")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    directory = os.path.dirname(os.path.abspath(path))
+    suffix = os.path.splitext(path)[1] or ".png"
+    fd, tmp = tempfile.mkstemp(prefix=".kvcli-plot-", suffix=suffix, dir=directory)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=110)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+if __name__ == "__main__":
+    _child_main()
