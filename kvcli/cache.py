@@ -68,9 +68,13 @@ class GrowingLayer(CacheLayerMixin):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        n = key_states.shape[-2]
-        old = self.length
-        self.keys = self._append(self.keys, key_states, old)
+        self.keys = self._append(self.keys, key_states, self.length)
+        self._append_entries(value_states)
+        return self.keys[:, :, : self.length], self.values[:, :, : self.length]
+
+    def _append_entries(self, value_states: torch.Tensor) -> None:
+        """Append values and per-entry metadata for the tokens now being forwarded."""
+        n, old = value_states.shape[-2], self.length
         self.values = self._append(self.values, value_states, old)
         if self.positions is not None:
             pos = self.clock.positions.to(self.positions.device)
@@ -81,12 +85,11 @@ class GrowingLayer(CacheLayerMixin):
         if self.scores is not None or self.track_scores:
             cur = self.scores
             if cur is None:
-                cur = torch.zeros(self._meta_shape(old), dtype=torch.float32, device=key_states.device)
+                cur = torch.zeros(self._meta_shape(old), dtype=torch.float32, device=value_states.device)
             self.scores = self._append(cur, cur.new_zeros(self._meta_shape(n)), old)
         if self.obs is not None:
             self.obs = self._append(self.obs, self.obs.new_zeros(self._meta_shape(n)), old)
         self.length = old + n
-        return self.keys[:, :, : self.length], self.values[:, :, : self.length]
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.length + query_length, 0
@@ -102,7 +105,7 @@ class GrowingLayer(CacheLayerMixin):
 
     # ---- storage helpers -----------------------------------------------------------
     def _meta_shape(self, n: int) -> tuple[int, int, int]:
-        return (self.keys.shape[0], self.keys.shape[1], n)
+        return (self.values.shape[0], self.values.shape[1], n)
 
     @staticmethod
     def _append(buf: torch.Tensor, new: torch.Tensor, used: int) -> torch.Tensor:
@@ -144,13 +147,13 @@ class GrowingLayer(CacheLayerMixin):
         """Logical positions ``[B, H, length]`` (materialised lazily for untouched layers)."""
         if self.positions is not None:
             return self.positions[:, :, : self.length]
-        b, h = self.keys.shape[:2]
-        return torch.arange(self.length, device=self.keys.device).view(1, 1, -1).expand(b, h, -1)
+        b, h = self.values.shape[:2]
+        return torch.arange(self.length, device=self.values.device).view(1, 1, -1).expand(b, h, -1)
 
     def entry_counts(self) -> torch.Tensor:
         if self.counts is not None:
             return self.counts[:, :, : self.length]
-        return self.keys.new_ones(self._meta_shape(self.length), dtype=torch.float32)
+        return torch.ones(self._meta_shape(self.length), dtype=torch.float32, device=self.values.device)
 
     def valid(self, name: str) -> torch.Tensor | None:
         t = getattr(self, name)
@@ -208,6 +211,96 @@ class GrowingLayer(CacheLayerMixin):
         # Only appends happen after a checkpoint (no compression while answering), so the
         # entries before ``length`` are untouched; scores of the context are restored too.
         self.length = state["length"]
+
+
+class SharedKeyLayer(GrowingLayer):
+    """A growing layer in a PoD block that is not the block's first layer.
+
+    It stores its own values for every entry, but its own keys only for proximal entries:
+    the first ``n_head`` (sinks) and the last ``n_tail`` (recent window).  Keys of distant
+    entries are read from the block's anchor layer, whose entries have the same logical
+    positions (PoD keeps the layouts in step).  ``keys`` is not stored here: attention gets
+    ``[own head | anchor's distant keys | own tail]`` assembled per forward.
+    """
+
+    def __init__(self, clock: _Clock, layer_idx: int, anchor: GrowingLayer, n_head: int) -> None:
+        super().__init__(clock, layer_idx)
+        self.anchor = anchor
+        self.n_head_max = n_head
+        self.head_keys: torch.Tensor | None = None
+        self.tail_keys: torch.Tensor | None = None
+
+    @classmethod
+    def from_layer(cls, layer: GrowingLayer, anchor: GrowingLayer, n_head: int) -> "SharedKeyLayer":
+        new = cls(layer.clock, layer.layer_idx, anchor, n_head)
+        new.track_scores = layer.track_scores
+        return new
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self.head_keys = self.keys
+        self.tail_keys = self.keys
+        self.keys = None
+
+    @property
+    def n_tail(self) -> int:
+        return self.tail_keys.shape[2]
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        room = max(0, self.n_head_max - self.head_keys.shape[2]) if self.n_tail == 0 else 0
+        if room:
+            self.head_keys = torch.cat([self.head_keys, key_states[:, :, :room]], dim=2)
+        self.tail_keys = torch.cat([self.tail_keys, key_states[:, :, room:]], dim=2)
+        self._append_entries(value_states)
+        return self.assembled_keys(), self.values[:, :, : self.length]
+
+    def assembled_keys(self) -> torch.Tensor:
+        n_dist = self.length - self.head_keys.shape[2] - self.n_tail
+        if n_dist == 0:
+            return torch.cat([self.head_keys, self.tail_keys], dim=2)
+        h = self.head_keys.shape[2]
+        distant = self.anchor.keys[:, :, h : h + n_dist]
+        return torch.cat([self.head_keys, distant, self.tail_keys], dim=2)
+
+    def valid(self, name: str):
+        if name == "keys":
+            return self.assembled_keys()
+        return super().valid(name)
+
+    def drop_distant_keys(self, n_tail: int) -> None:
+        """Entries older than the recent window become distant: forget their own keys."""
+        if n_tail < self.n_tail:
+            self.tail_keys = self.tail_keys[:, :, self.n_tail - n_tail :].clone()
+
+    def assign(self, keys, values, positions, counts=None, scores=None, obs=None) -> None:
+        """``keys`` here are the proximal keys only: ``(head_keys, tail_keys)``."""
+        self.head_keys, self.tail_keys = keys
+        self.values = values.contiguous()
+        self.positions = positions.contiguous()
+        self.counts = None if counts is None else counts.contiguous()
+        self.scores = None if scores is None else scores.contiguous()
+        self.obs = None if obs is None else obs.contiguous()
+        self.length = values.shape[2]
+
+    def gather(self, idx):  # token selection in PoD goes through the block, never per layer
+        raise RuntimeError("SharedKeyLayer entries are rewritten by PoD for the whole block")
+
+    def nbytes(self) -> int:
+        if not self.is_initialized:
+            return 0
+        return _tensor_bytes(self.head_keys, self.tail_keys, self.values, self.positions, self.counts,
+                             self.scores, self.obs)
+
+    def checkpoint(self) -> dict:
+        return {"length": self.length, "n_tail": self.n_tail, "n_head": self.head_keys.shape[2] if self.is_initialized else 0}
+
+    def rollback(self, state: dict) -> None:
+        self.length = state["length"]
+        if self.is_initialized:
+            self.head_keys = self.head_keys[:, :, : state["n_head"]]
+            self.tail_keys = self.tail_keys[:, :, : state["n_tail"]]
 
 
 class WindowLayer(CacheLayerMixin):
@@ -298,6 +391,7 @@ class KVCache(Cache):
     def __init__(self, config) -> None:
         config = config.get_text_config() if hasattr(config, "get_text_config") else config
         self.clock = _Clock()
+        self.config_ref = config
         n = config.num_hidden_layers
         types = list(getattr(config, "layer_types", None) or ["full_attention"] * n)
         window = getattr(config, "sliding_window", None)

@@ -64,6 +64,9 @@ def _run_prefill(document: str, model: str, device: str, dtype: str, method, bud
     settings = resolve_settings(preset=preset, method=method, budget=budget, chunk_size=chunk_size, options=options)
     doc = api.open_document(document)
     backend = resolve_backend(attn, device)
+    if settings.method == "pod" and not settings.budget.is_full and not quiet:
+        err.print("[yellow]note:[/] pod keeps every token (its saving is the shared distant keys); "
+                  "--budget applies to pod+kvmerger and pod+snapkv, ignored here")
     lm = api.load_model(model, device=device, dtype=dtype, quiet=quiet)
     progress = _progress(quiet)
     import time

@@ -70,6 +70,8 @@ class Engine:
             raise ValueError("chunk_size must be positive")
         self.model = model
         self.method = method
+        if not method.uses_budget:  # structural saving only (plain PoD): no token budget applies
+            budget = Budget(ratio=1.0)
         self.budget = budget
         self.chunk_size = chunk_size
         self.device = next(model.parameters()).device
@@ -143,12 +145,11 @@ class Engine:
             self.last_logits = self.forward(chunk, collect=collect)
             done += chunk.shape[-1]
             self.stats.max_cache_bytes = max(self.stats.max_cache_bytes, self.cache.nbytes())
-            if not self.budget.is_full:
-                c0 = time.perf_counter()
-                if probe_ids is not None and self.state.collect_stats:
-                    self.probe(probe_ids)
-                self.method.compress(self.cache, self.budget)
-                self.stats.compress_seconds += time.perf_counter() - c0
+            c0 = time.perf_counter()
+            if probe_ids is not None and self.state.collect_stats:
+                self.probe(probe_ids)
+            self.method.compress(self.cache, self.budget)  # no-op while within budget
+            self.stats.compress_seconds += time.perf_counter() - c0
             self.stats.chunks += 1
             self.stats.trace.append({"tokens": self.cache.seen, "kv_bytes": self.cache.nbytes()})
             if on_chunk is not None:

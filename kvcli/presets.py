@@ -39,7 +39,7 @@ def builtin_presets() -> dict[str, Path]:
 
 def load_preset(ref: str) -> Settings:
     """A preset by built-in name or YAML path; errors name the file and the key."""
-    from .methods import REGISTRY, make_method
+    from .methods import make_method, method_names
 
     path = Path(ref)
     table = builtin_presets()
@@ -62,8 +62,8 @@ def load_preset(ref: str) -> Settings:
         raise KvcliError(f"preset {path}: unknown key {unknown[0]!r} (allowed: {', '.join(sorted(KEYS))})")
     s = Settings(preset=str(ref), description=str(data.get("description", "")))
     if "method" in data:
-        if data["method"] not in REGISTRY:
-            raise KvcliError(f"preset {path}: key 'method': unknown method {data['method']!r} (valid: {', '.join(REGISTRY)})")
+        if data["method"] not in method_names():
+            raise KvcliError(f"preset {path}: key 'method': unknown method {data['method']!r} (valid: {', '.join(method_names())})")
         s.method = data["method"]
     if "budget" in data:
         try:

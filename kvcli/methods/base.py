@@ -20,6 +20,8 @@ class Method:
     description: ClassVar[str] = ""
     needs_scores: ClassVar[bool] = False  # attention statistics from the observation window
     count_bias: ClassVar[bool] = False  # add log(count) to merged entries' logits
+    uses_budget: bool = True  # False: the method's saving is structural (plain PoD); --budget is ignored
+    stores_counts: ClassVar[bool] = False  # entries may stand for several tokens (merging)
 
     def __init__(self, n_sink: int = 4, **options) -> None:
         if options:

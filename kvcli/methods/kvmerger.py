@@ -41,6 +41,7 @@ class KVMerger(Method):
     name = "kvmerger"
     description = "KVMerger: merge similar neighbouring keys (Gaussian-kernel weights)"
     needs_scores = True
+    stores_counts = True
 
     def __init__(self, threshold: float = 0.75, sigma: float = 5.0, recent: float = 0.3, heavy: float = 0.1,
                  value_mode: str = "bias", **kw) -> None:

@@ -1,0 +1,183 @@
+"""``pod``: Proximal tokens over Distant tokens (Ma et al., 2412.02252), training-free.
+
+Proximal entries (the first ``n_s`` and those within the most recent ``n_r`` positions)
+keep their full KV in every layer.  The growing layers are grouped into blocks of
+consecutive growing layers; only a block's first layer (the anchor) stores keys of distant
+entries; every other layer of the block stores its own values for all entries and its own
+keys for proximal entries only (``cache.SharedKeyLayer``), and attends with one softmax
+over its own proximal keys and the anchor's distant keys, with its own values.
+
+Choices (the paper leaves these to its training setup):
+
+* ``n_r`` scales with the context: ``max(n_r_min, n_r_ratio x tokens seen)`` (paper: 4080
+  of 32K = 12.5%), ``n_s = 16`` as in the paper.
+* Plain ``pod`` keeps every token, so ``--budget`` does not apply to it.  ``pod+X`` holds
+  the budget exactly: when the budget is smaller than ``n_s + n_r`` the recent window
+  shrinks to fit (the first ``n_s`` entries are never merged, so the floor is ``n_s + 1``).
+* Blocks: ``block_size`` consecutive growing layers (default 2), or explicit ``blocks``,
+  or a calibration profile written by ``kvcli calibrate`` (picked up automatically for the
+  same model), which groups layers whose distant-token attention is similar (JSD).
+* No post-training adaptation here: that is a separate issue; quality figures in the
+  README are for the training-free version.
+* ``pod+X`` compresses the distant entries of each block further with method X, with one
+  layout for the whole block (so shared keys still line up): X sees the block's layers as
+  extra heads of one layer, with the block's summed statistics.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from ..cache import GrowingLayer, KVCache, SharedKeyLayer, _Clock
+from ..errors import KvcliError
+from .base import Method
+
+
+def calibration_path(config) -> Path:
+    """Where ``kvcli calibrate`` stores the grouping profile for a model."""
+    from ..models import cache_dir
+
+    name = str(getattr(config, "_name_or_path", "") or getattr(config, "model_type", "model"))
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name.strip("/"))[-120:] or "model"
+    return cache_dir() / "calibration" / f"{safe}.json"
+
+
+class PoD(Method):
+    name = "pod"
+    description = "PoD: full KV for proximal tokens, distant keys shared across layers"
+
+    def __init__(self, n_s: int = 16, n_r_ratio: float = 0.125, n_r_min: int = 256, block_size: int = 2,
+                 blocks: list[list[int]] | None = None, profile: str | None = None, inner: Method | None = None,
+                 **kw) -> None:
+        super().__init__(n_sink=kw.pop("n_sink", 4), **kw)
+        if int(n_s) < 0 or not 0 <= float(n_r_ratio) <= 1 or int(n_r_min) < 0:
+            raise KvcliError("pod: n_s >= 0, n_r_ratio in [0, 1] and n_r_min >= 0 are required")
+        if int(block_size) < 1:
+            raise KvcliError(f"pod: block_size must be >= 1, got {block_size}")
+        self.n_s, self.n_r_ratio, self.n_r_min = int(n_s), float(n_r_ratio), int(n_r_min)
+        self.block_size, self.explicit_blocks, self.profile = int(block_size), blocks, profile
+        self.inner = inner
+        self.needs_scores = bool(inner and inner.needs_scores)
+        self.count_bias = bool(inner and inner.count_bias)
+        self.stores_counts = bool(inner and inner.stores_counts)
+        self.uses_budget = inner is not None  # plain PoD keeps every token: its saving is the shared keys
+        self.blocks: list[list[int]] = []
+        self.blocks_source = ""
+        if inner is not None:
+            self.name = f"pod+{inner.name}"
+
+    def options(self) -> dict:
+        out = {"n_s": self.n_s, "n_r_ratio": self.n_r_ratio, "n_r_min": self.n_r_min, "blocks": self.blocks,
+               "blocks_source": self.blocks_source}
+        if self.inner is not None:
+            out["inner"] = self.inner.options()
+        return out
+
+    # ---- layer grouping -------------------------------------------------------------------
+    def choose_blocks(self, growing: list[int], config) -> list[list[int]]:
+        if self.explicit_blocks is not None:
+            blocks, self.blocks_source = [list(map(int, b)) for b in self.explicit_blocks], "option"
+        else:
+            path = Path(self.profile) if self.profile else calibration_path(config)
+            if path.is_file():
+                try:
+                    blocks = json.loads(path.read_text())["blocks"]
+                except (ValueError, KeyError, TypeError):
+                    raise KvcliError(f"pod: calibration profile {path} is not valid (re-run kvcli calibrate)") from None
+                self.blocks_source = str(path)
+            elif self.profile:
+                raise KvcliError(f"pod: calibration profile {self.profile}: no such file")
+            else:
+                blocks = [growing[i : i + self.block_size] for i in range(0, len(growing), self.block_size)]
+                self.blocks_source = f"block_size={self.block_size}"
+        flat = [i for b in blocks for i in b]
+        if sorted(flat) != sorted(growing) or len(set(flat)) != len(flat):
+            raise KvcliError(f"pod: blocks {blocks} must partition the growing layers {growing}")
+        for b in blocks:
+            if b != sorted(b) or any(growing.index(y) != growing.index(x) + 1 for x, y in zip(b, b[1:])):
+                raise KvcliError(f"pod: block {b} is not a run of consecutive growing layers {growing}")
+        return blocks
+
+    def attach(self, cache: KVCache, state) -> None:
+        """Swap the non-anchor layers of each block for shared-key storage."""
+        self.blocks = self.choose_blocks(cache.growing_indices, cache.config_ref)
+        for block in self.blocks:
+            anchor = cache.layers[block[0]]
+            for idx in block[1:]:
+                cache.layers[idx] = SharedKeyLayer.from_layer(cache.layers[idx], anchor, self.n_s)
+
+    def recent_window(self, seen: int) -> int:
+        return max(self.n_r_min, math.ceil(self.n_r_ratio * seen))
+
+    # ---- after every chunk ------------------------------------------------------------------
+    def compress(self, cache: KVCache, budget) -> None:
+        seen = cache.seen
+        target = budget.target(seen)
+        for block in self.blocks:
+            anchor: GrowingLayer = cache.layers[block[0]]
+            members: list[SharedKeyLayer] = [cache.layers[i] for i in block[1:]]
+            n_recent = self.recent_window(seen)
+            squeeze = self.inner is not None and target < anchor.length
+            if squeeze:  # the budget wins over the recent window: at least one distant slot remains
+                n_recent = max(0, min(n_recent, target - min(self.n_s, anchor.length) - 1))
+            horizon = seen - n_recent
+            if squeeze:
+                self._compress_distant(anchor, members, horizon, target)
+            n_tail = int((anchor.key_positions()[0, 0] >= horizon).sum())
+            for m in members:
+                m.drop_distant_keys(n_tail)
+
+    def _compress_distant(self, anchor: GrowingLayer, members: list[SharedKeyLayer], horizon: int, target: int) -> None:
+        pos = anchor.key_positions()
+        n = anchor.length
+        n_head = min(self.n_s, n)
+        n_tail = int((pos[0, 0] >= horizon).sum())
+        n_dist = n - n_head - n_tail
+        dist_target = target - n_head - n_tail
+        if n_dist <= 0 or dist_target >= n_dist:
+            return
+        dist_target = max(dist_target, 1)
+        sl = slice(n_head, n_head + n_dist)
+        layers = [anchor, *members]
+        h = anchor.values.shape[1]
+        k = anchor.keys[:, :, sl]
+        temp = GrowingLayer(_Clock(), anchor.layer_idx)
+        temp.is_initialized = True
+        temp.keys = torch.cat([k] * len(layers), dim=1)
+        temp.values = torch.cat([l.values[:, :, sl] for l in layers], dim=1)
+        temp.length = n_dist
+        temp.positions = pos[:, :, sl].repeat(1, len(layers), 1)
+        temp.counts = anchor.entry_counts()[:, :, sl].repeat(1, len(layers), 1)
+        for stat in ("scores", "obs"):
+            parts = [l.valid(stat) for l in layers]
+            if all(p is not None for p in parts):
+                total = sum(p[:, :, sl].sum(1, keepdim=True) for p in parts)
+                setattr(temp, stat, total.expand(-1, temp.keys.shape[1], -1).contiguous())
+        self.inner.compress_layer(temp, dist_target)
+
+        def join(mid: torch.Tensor | None, full: torch.Tensor | None) -> torch.Tensor | None:
+            if mid is None or full is None:
+                return None
+            return torch.cat([full[:, :, :n_head], mid, full[:, :, n_head + n_dist :]], dim=2)
+
+        for j, layer in enumerate(layers):
+            heads = slice(j * h, (j + 1) * h)
+            new = {
+                "values": join(temp.values[:, heads], layer.valid("values")),
+                "positions": join(temp.positions[:, heads], layer.key_positions()),
+                "counts": join(temp.counts[:, heads], layer.entry_counts()),
+                "scores": join(None if temp.scores is None else temp.scores[:, heads], layer.valid("scores")),
+                "obs": join(None if temp.obs is None else temp.obs[:, heads], layer.valid("obs")),
+            }
+            if j == 0:
+                keys = join(temp.keys[:, :h], layer.valid("keys"))
+            else:
+                keys = (layer.head_keys, layer.tail_keys[:, :, layer.n_tail - n_tail :] if n_tail else layer.tail_keys[:, :, :0])
+            layer.assign(keys, **new)
+
+    def compress_layer(self, layer, target: int) -> None:  # PoD works per block (compress)
+        raise NotImplementedError
