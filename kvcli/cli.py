@@ -184,10 +184,13 @@ def summarize(
 @app.command()
 def methods():
     """List the compression methods."""
-    from .methods import REGISTRY
+    from .methods import COMPOSITES, REGISTRY
 
     for name, cls in REGISTRY.items():
         print(f"{name:16s} {cls.description}")
+    for name in COMPOSITES:
+        inner = name.split("+", 1)[1]
+        print(f"{name:16s} PoD, with distant tokens compressed further by {inner} to the budget")
 
 
 # ---- commands that live in their own modules (each adds itself to ``app``) --------------------

@@ -199,7 +199,7 @@ def measure(lm, document, method: str, budget, chunk_size: int = 512, method_opt
         torch.cuda.synchronize(lm.device)
         torch.cuda.reset_peak_memory_stats(lm.device)
     mem = PeakMemory().start()
-    row: dict = {"method": method, "budget": "1" if method == "full" else str(budget), "model": lm.name,
+    row: dict = {"method": method, "budget": "1" if method in ("full", "pod") else str(budget), "model": lm.name,
                  "device": str(lm.device), "dtype": str(lm.dtype).removeprefix("torch."), "chunk_size": chunk_size,
                  "status": "ok", "rss_baseline_bytes": mem.baseline, "rss_method": mem.method}
     trace_mem: list[dict] = []
