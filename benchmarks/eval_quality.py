@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     methods, budgets, _ = runner.validate_methods(methods, runner.parse_list(args.budgets, "budgets"))
     kinds = runner.parse_kinds(args.tasks)
     lengths = runner.parse_lengths(args.lengths)
-    runs = 1 + len(methods) * len(budgets)
+    runs = 1 + sum(1 if m == "pod" else len(budgets) for m in methods)  # plain pod: one run
     samples = args.samples
     if samples is None:
         samples = max(1, math.floor(args.hours * 3600 / estimate_seconds(kinds, lengths, 1, runs)))

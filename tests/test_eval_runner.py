@@ -60,7 +60,8 @@ def test_rows_for_every_method_and_budget(tiny_lm, tmp_path):
     steps = []
     res = run_eval(tiny_lm, items, methods=methods, budgets=["0.5", "100"], chunk_size=64, max_new_tokens=4,
                    on_step=lambda d, t, label: steps.append((d, t)))
-    runs = [("full", "1")] + [(m, b) for m in methods if m != "full" for b in ("0.5", "100")]
+    runs = [("full", "1"), ("pod", "1")]  # plain pod keeps every token: one run whatever the budgets
+    runs += [(m, b) for m in methods if m not in ("full", "pod") for b in ("0.5", "100")]
     assert steps[-1] == (len(items) * len(runs),) * 2
     assert len(res.rows) == len(items) * len(runs)
     got = {(r["kind"], r["method"], r["budget"]) for r in res.rows}

@@ -17,6 +17,7 @@ from kvcli.budget import Budget, parse_budget
 from kvcli.errors import KvcliError
 from kvcli.eval.scoring import load_questions, score_answers
 from kvcli.eval.tasks import KINDS, Task, generate_suite
+from kvcli.methods import make_method
 
 FULL = "full"
 FULL_BUDGET = parse_budget(1.0)
@@ -162,7 +163,6 @@ def validate_methods(methods: Sequence[str], budgets: Sequence[str | float | Bud
                      options: dict | None = None) -> tuple[list[str], list[Budget], dict[str, dict]]:
     """Check names, budgets and options before any model is loaded (one-line errors).
     ``full`` is always run (once, as the reference), so it is dropped from ``methods``."""
-    from kvcli.methods import make_method
 
     methods = [m for m in dict.fromkeys(methods) if m != FULL]
     parsed = [b if isinstance(b, Budget) else parse_budget(b) for b in budgets]
@@ -222,7 +222,9 @@ def run_eval(
     if not items:
         raise KvcliError("nothing to evaluate: no tasks or questions")
     methods, budgets, per = validate_methods(methods, budgets, method_options)
-    runs: list[tuple[str, Budget]] = [(FULL, FULL_BUDGET)] + [(m, b) for m in methods for b in budgets]
+    runs: list[tuple[str, Budget]] = [(FULL, FULL_BUDGET)]
+    for m in methods:  # plain PoD keeps every token: one run, whatever the budgets
+        runs += [(m, FULL_BUDGET)] if not make_method(m, **per[m]).uses_budget else [(m, b) for b in budgets]
     groups = _groups(items, query_aware)
     total = len(groups) * len(runs)
     tok = lm.tokenizer
