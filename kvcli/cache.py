@@ -330,8 +330,12 @@ class WindowLayer(CacheLayerMixin):
         full_k = torch.cat([self.keys, key_states], dim=2)
         full_v = torch.cat([self.values, value_states], dim=2)
         self.seen += key_states.shape[2]
-        keep = self.sliding_window - 1
-        self.keys, self.values = full_k[:, :, -keep:], full_v[:, :, -keep:]
+        keep = max(self.sliding_window - 1, 0)
+        start = full_k.shape[2] - keep
+        if start > 0:  # a copy, not a view: the dropped part's storage must really be freed
+            self.keys, self.values = full_k[:, :, start:].clone(), full_v[:, :, start:].clone()
+        else:
+            self.keys, self.values = full_k, full_v
         self._returned = full_k.shape[2]
         return full_k, full_v
 

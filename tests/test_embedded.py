@@ -100,3 +100,23 @@ def test_summarize_example():
     # really does, which is to name the document's subject.
     names = ("Tessaly", "Port Calloway", "Ostrander", "Harbour Lights", "lighthouse")
     assert any(name.lower() in summary.lower() for name in names), summary
+
+
+def test_summarize_pdf_with_pod(tmp_path):
+    """`kvcli summarize report.pdf --method pod` end to end: a PDF of the example report
+    (one page per section), summarized from a PoD cache that really holds fewer bytes."""
+    from test_documents import make_pdf
+
+    text = LIGHTHOUSE.read_text(encoding="utf-8")
+    sections = [s for s in text.split("\n## ") if s.strip()]
+    esc = [" ".join(s.split()).replace("\\", "\\\\").replace("(", "\\(").replace(")", "\\)") for s in sections]
+    pdf = tmp_path / "report.pdf"
+    pdf.write_bytes(make_pdf([s.encode("latin-1", "replace").decode("latin-1") for s in esc]))
+    proc = kvcli("summarize", pdf, "--method", "pod", "--json", "--max-new-tokens", "48")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["method"] == "pod" and report["summary"].strip()
+    assert report["context_tokens"] > 1500  # the whole report came through the PDF
+    assert report["kv_bytes"] < report["kv_bytes_full"]  # distant keys of member layers are not stored
+    names = ("Tessaly", "Port Calloway", "Ostrander", "Harbour", "lighthouse")
+    assert any(name.lower() in report["summary"].lower() for name in names), report["summary"]

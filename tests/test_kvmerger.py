@@ -39,10 +39,16 @@ def test_sets_join_similar_neighbours_never_across_a_dissimilar_one():
     # entries 0-4 share one direction, 5 is orthogonal, 6-9 share another.
     keys = torch.stack([direction(0)] * 5 + [direction(3)] + [direction(5)] * 4).unsqueeze(0)
     keys = keys + 0.01 * torch.randn_like(keys)
-    m = merger()
+    m = merger(fallback="evict")  # the threshold is a hard limit
     prot = torch.zeros(1, 10, dtype=torch.bool)
     sets = m.merging_sets(keys.unsqueeze(0), prot, n_merge=9)[0].tolist()
     assert sets == [0, 0, 0, 0, 0, 1, 2, 2, 2, 2]
+    # fallback="merge": the passing pairs still all merge first; only a budget that needs
+    # more crosses the dissimilar entry (7 passing pairs, 8 merges asked)
+    m = merger(fallback="merge")
+    assert m.merging_sets(keys.unsqueeze(0), prot, n_merge=7)[0].tolist() == [0, 0, 0, 0, 0, 1, 2, 2, 2, 2]
+    crossed = m.merging_sets(keys.unsqueeze(0), prot, n_merge=8)[0].tolist()
+    assert crossed in ([0] * 6 + [1] * 4, [0] * 5 + [1] * 5)
 
 
 def test_protected_entries_are_never_merged():
@@ -83,17 +89,18 @@ def test_weights_follow_the_gaussian_kernel_formula(value_mode):
     assert m.count_bias == (value_mode == "bias")
 
 
+@pytest.mark.parametrize("fallback", ["merge", "evict"])
 @pytest.mark.parametrize("similar", [True, False])
-def test_budget_is_exact(similar):
+def test_budget_is_exact(similar, fallback):
     torch.manual_seed(1)
     n = 40
     keys = (torch.stack([direction(i // 5) for i in range(n)]) if similar else torch.randn(n, 8)).unsqueeze(0)
     layer = make_layer(keys + 0.01 * torch.randn_like(keys), scores=torch.rand(1, n))
-    m = merger(n_sink=2, recent=0.2)  # protects 2 + 3 entries: 27 similar pairs remain, 27 needed
+    m = merger(n_sink=2, recent=0.2, fallback=fallback)  # protects 2 + 3 entries: 27 similar pairs remain, 27 needed
     m.compress_layer(layer, target=13)
     assert layer.length == 13 and layer.keys.shape[2] == 13
     counts = layer.entry_counts()[0, 0]
-    if similar:
+    if similar or fallback == "merge":
         assert counts.sum().item() == n  # nothing evicted: every token is represented
     else:
         assert counts.sum().item() < n  # dissimilar keys: fell back to eviction
