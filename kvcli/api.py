@@ -215,7 +215,7 @@ def prefill(
     truncate: bool = False,
     on_progress: Callable[[int, int], None] | None = None,
     method_options: dict | None = None,
-    backend: str = "sdpa",
+    backend: str = "auto",
     raw: bool = False,
 ) -> Context:
     """Stream a document through the model into a compressed cache.

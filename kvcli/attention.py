@@ -8,6 +8,9 @@ patched model classes) keeps every architecture transformers supports working.
 Masks are built from positions, so transformers is asked for none: "kvcli" is not in its
 mask registry, which makes it skip mask construction entirely.
 
+Which function computes the attention is the run's backend (``backends``: the torch
+reference ``attend`` below, kvcli's Triton kernels, or flash-attn where it is exact).
+
 Statistics are collected on a bounded observation window (the last ``obs_window`` queries
 of each forward), so no method needs eager attention or memory quadratic in the document.
 """
@@ -21,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
-from .cache import GrowingLayer, KVCache
+from .cache import GrowingLayer, KVCache, SharedKeyLayer
 
 ATTN_NAME = "kvcli"
 
@@ -88,19 +91,22 @@ def attend(
 
 def received_attention(
     query: torch.Tensor,
-    key: torch.Tensor,
+    key: torch.Tensor | tuple[torch.Tensor, ...],
     q_pos: torch.Tensor,
     k_pos: torch.Tensor,
     bias: torch.Tensor | None,
     scaling: float,
 ) -> torch.Tensor:
     """Attention each key receives from the given queries, summed over queries and the
-    query heads of its group: ``[B, Hkv, Lk]`` (float32)."""
+    query heads of its group: ``[B, Hkv, Lk]`` (float32).  ``key`` may be given as parts
+    (consecutive runs of entries, e.g. ``SharedKeyLayer.key_parts()``): they are not joined."""
+    parts = (key,) if isinstance(key, torch.Tensor) else tuple(key)
     b, hq, lq, d = query.shape
-    hkv = key.shape[1]
+    hkv = parts[0].shape[1]
     g = hq // hkv
     q = query.reshape(b, hkv, g * lq, d).float()
-    logits = torch.matmul(q, key.float().transpose(-1, -2)) * scaling
+    pieces = [torch.matmul(q, k.float().transpose(-1, -2)) for k in parts]
+    logits = (pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-1)) * scaling
     if bias is not None:
         logits = logits + bias.unsqueeze(2).float()
     ok = allowed_mask(q_pos, k_pos, None)
@@ -125,16 +131,25 @@ def kvcli_attention(module, query, key, value, attention_mask, scaling=None, dro
     if state.count_bias and isinstance(layer, GrowingLayer) and layer.counts is not None:
         bias = torch.log(layer.entry_counts())
     window = sliding_window if not isinstance(layer, GrowingLayer) else None
+    # A PoD member whose keys the cache did not assemble (split_keys): read them in place.
+    split = isinstance(layer, SharedKeyLayer) and layer.split_keys
+    if split:
+        parts = layer.key_parts()
 
-    if state.probe_len:
-        # Query-aware scoring: the trailing probe tokens (the user's question) only observe.
-        out = attend(query, key, value, q_pos, k_pos, bias, scaling, window)
+    if split and not state.probe_len:
+        out = _pod_member_attention(layer, parts, query, value, q_pos, k_pos, bias, scaling, window)
     else:
-        out = _dispatch(state.backend)(query, key, value, q_pos, k_pos, bias, scaling, window)
+        if split:
+            key = torch.cat(parts, dim=2)
+        if state.probe_len:
+            # Query-aware scoring: the trailing probe tokens (the user's question) only observe.
+            out = attend(query, key, value, q_pos, k_pos, bias, scaling, window)
+        else:
+            out = _dispatch(state.backend)(query, key, value, q_pos, k_pos, bias, scaling, window)
 
     if state.collect_stats and isinstance(layer, GrowingLayer) and layer.track_scores:
         w = state.probe_len or min(state.obs_window, query.shape[2])
-        received = received_attention(query[:, :, -w:], key, q_pos[-w:], k_pos, bias, scaling)
+        received = received_attention(query[:, :, -w:], parts if split else key, q_pos[-w:], k_pos, bias, scaling)
         layer.add_scores(received)
     return out.transpose(1, 2).contiguous(), None
 
@@ -145,6 +160,26 @@ def _dispatch(backend: str):
     from .backends import get_backend
 
     return get_backend(backend)
+
+
+def _pod_member_attention(layer, parts, query, value, q_pos, k_pos, bias, scaling, window):
+    """Triton PoD kernel: the anchor's distant keys are read where they are; only the
+    member's own proximal parts (head sinks + recent tail, bounded) are joined."""
+    from .backends import triton_pod_attend
+
+    head, distant, tail = parts
+    h, nd = head.shape[2], distant.shape[2]
+
+    def distant_proximal(t):
+        if t is None:
+            return None, None
+        return t[:, :, h : h + nd], torch.cat([t[:, :, :h], t[:, :, h + nd :]], dim=2)
+
+    vd, vp = distant_proximal(value)
+    pd, pp = distant_proximal(k_pos)
+    bd, bp = distant_proximal(bias)
+    return triton_pod_attend(query, (distant, vd, pd, bd), (torch.cat([head, tail], dim=2), vp, pp, bp),
+                             q_pos, scaling, window)
 
 
 AttentionInterface.register(ATTN_NAME, kvcli_attention)

@@ -220,8 +220,12 @@ class SharedKeyLayer(GrowingLayer):
     the first ``n_head`` (sinks) and the last ``n_tail`` (recent window).  Keys of distant
     entries are read from the block's anchor layer, whose entries have the same logical
     positions (PoD keeps the layouts in step).  ``keys`` is not stored here: attention gets
-    ``[own head | anchor's distant keys | own tail]`` assembled per forward.
+    ``[own head | anchor's distant keys | own tail]`` assembled per forward, or, with
+    ``split_keys`` (set by the engine when the Triton PoD kernel attends), a zero-length
+    stand-in from ``update``: the attention function then reads ``key_parts()`` in place.
     """
+
+    split_keys = False
 
     def __init__(self, clock: _Clock, layer_idx: int, anchor: GrowingLayer, n_head: int) -> None:
         super().__init__(clock, layer_idx)
@@ -254,15 +258,21 @@ class SharedKeyLayer(GrowingLayer):
             self.head_keys = torch.cat([self.head_keys, key_states[:, :, :room]], dim=2)
         self.tail_keys = torch.cat([self.tail_keys, key_states[:, :, room:]], dim=2)
         self._append_entries(value_states)
-        return self.assembled_keys(), self.values[:, :, : self.length]
+        keys = self.head_keys[:, :, :0] if self.split_keys else self.assembled_keys()
+        return keys, self.values[:, :, : self.length]
+
+    def key_parts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(own head keys, anchor's distant keys, own tail keys)``: the layer's keys in
+        entry order, none of them copied (the distant part is a view of the anchor's)."""
+        h = self.head_keys.shape[2]
+        n_dist = self.length - h - self.n_tail
+        return self.head_keys, self.anchor.keys[:, :, h : h + n_dist], self.tail_keys
 
     def assembled_keys(self) -> torch.Tensor:
-        n_dist = self.length - self.head_keys.shape[2] - self.n_tail
-        if n_dist == 0:
-            return torch.cat([self.head_keys, self.tail_keys], dim=2)
-        h = self.head_keys.shape[2]
-        distant = self.anchor.keys[:, :, h : h + n_dist]
-        return torch.cat([self.head_keys, distant, self.tail_keys], dim=2)
+        head, distant, tail = self.key_parts()
+        if distant.shape[2] == 0:
+            return torch.cat([head, tail], dim=2)
+        return torch.cat([head, distant, tail], dim=2)
 
     def valid(self, name: str):
         if name == "keys":

@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 import torch
 
 from .attention import RunState
+from .backends import active_backend, resolve_backend, uses_pod_kernel
 from .budget import Budget
-from .cache import KVCache
+from .cache import KVCache, SharedKeyLayer
 from .methods.base import Method
 
 
@@ -64,7 +65,7 @@ class Engine:
         budget: Budget,
         chunk_size: int = 512,
         obs_window: int = 64,
-        backend: str = "sdpa",
+        backend: str = "auto",
     ) -> None:
         if chunk_size < 1:
             raise ValueError("chunk_size must be positive")
@@ -75,6 +76,7 @@ class Engine:
         self.budget = budget
         self.chunk_size = chunk_size
         self.device = next(model.parameters()).device
+        backend = resolve_backend(backend, self.device.type)  # auto -> this device's backend; errors if it cannot run
         self.cache = KVCache(model.config)
         track = method.needs_scores and not budget.is_full
         for layer in self.cache.growing_layers:
@@ -90,6 +92,9 @@ class Engine:
         self.stats = PrefillStats()
         if hasattr(method, "attach"):
             method.attach(self.cache, self.state)
+        for layer in self.cache.layers:  # PoD members: keys read in place by the Triton PoD kernel
+            if isinstance(layer, SharedKeyLayer):
+                layer.split_keys = uses_pod_kernel(backend)
 
     # ---- forwards ------------------------------------------------------------------------
     @torch.inference_mode()
@@ -148,7 +153,8 @@ class Engine:
             c0 = time.perf_counter()
             if probe_ids is not None and self.state.collect_stats:
                 self.probe(probe_ids)
-            self.method.compress(self.cache, self.budget)  # no-op while within budget
+            with active_backend(self.state.backend):  # merging kernels follow the attention backend
+                self.method.compress(self.cache, self.budget)  # no-op while within budget
             self.stats.compress_seconds += time.perf_counter() - c0
             self.stats.chunks += 1
             self.stats.trace.append({"tokens": self.cache.seen, "kv_bytes": self.cache.nbytes()})

@@ -5,6 +5,11 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Triton's CPU interpreter for the kernel tests.  It must be set before triton is first
+# imported anywhere in the session (transformers imports it, and triton's own library
+# functions are compiled for the mode in force then), so here, not in the kernel modules.
+# TRITON_INTERPRET=0 in the environment runs them on a real GPU instead.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 import torch

@@ -9,7 +9,7 @@ Nothing is evicted while similar neighbours remain.  After every chunk, per grow
 3. Each set becomes one entry in the slot (logical position) of its pivot, the member with
    the highest aggregated attention: weights ``g_i = exp(-||k_p - k_i||^2 / 2 sigma^2)``
    normalised over the set; merged key and value are the weighted sums (see
-   ``kvcli_kernels.merge_sets``, shared with the Triton kernel).
+   ``kvcli_kernels.merge_sets``; on CUDA runs its Triton kernel, see ``backends.merge_sets``).
 
 Choices where the paper is unclear (written down, measured in the README):
 
@@ -35,8 +35,7 @@ from __future__ import annotations
 
 import torch
 
-from kvcli_kernels import merge_sets
-
+from ..backends import adjacent_similarity, merge_sets
 from ..errors import KvcliError
 from .base import Method
 
@@ -87,8 +86,7 @@ class KVMerger(Method):
     def edge_ranks(self, keys: torch.Tensor, prot: torch.Tensor) -> torch.Tensor:
         """``[B, n-1]``: how eligible each adjacent pair is for merging (higher first,
         ``-inf`` never): cosine of the keys, averaged over KV heads."""
-        kf = keys.float()
-        sims = torch.nn.functional.cosine_similarity(kf[:, :, :-1], kf[:, :, 1:], dim=-1, eps=1e-8).mean(1)
+        sims = adjacent_similarity(keys).mean(1)  # [B, H, n-1] -> [B, n-1]
         free = (~prot[:, :-1]) & (~prot[:, 1:])
         ok = free & (sims > self.threshold)
         edge = sims.masked_fill(~ok, -float("inf"))
