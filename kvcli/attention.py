@@ -18,6 +18,7 @@ of each forward), so no method needs eager attention or memory quadratic in the 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -40,6 +41,9 @@ class RunState:
     backend: str = "sdpa"
     probe_len: int = 0  # trailing query tokens that form the observation window instead (query-aware)
     extra: dict = field(default_factory=dict)
+    # Called as ``observer(layer_idx, query, q_pos, scaling)`` after every layer's attention
+    # (post-RoPE queries of the current forward; ``kvcli calibrate`` keeps a few of them).
+    observer: Callable | None = None
 
 
 def allowed_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
@@ -151,6 +155,8 @@ def kvcli_attention(module, query, key, value, attention_mask, scaling=None, dro
         w = state.probe_len or min(state.obs_window, query.shape[2])
         received = received_attention(query[:, :, -w:], parts if split else key, q_pos[-w:], k_pos, bias, scaling)
         layer.add_scores(received)
+    if state.observer is not None:
+        state.observer(module.layer_idx, query, q_pos, scaling)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -304,7 +304,9 @@ class SharedKeyLayer(GrowingLayer):
                              self.scores, self.obs)
 
     def checkpoint(self) -> dict:
-        return {"length": self.length, "n_tail": self.n_tail, "n_head": self.head_keys.shape[2] if self.is_initialized else 0}
+        if not self.is_initialized:  # nothing forwarded yet: no proximal keys to count
+            return {"length": 0, "n_tail": 0, "n_head": 0}
+        return {"length": self.length, "n_tail": self.n_tail, "n_head": self.head_keys.shape[2]}
 
     def rollback(self, state: dict) -> None:
         self.length = state["length"]

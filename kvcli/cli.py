@@ -195,6 +195,7 @@ def methods():
 
 # ---- commands that live in their own modules (each adds itself to ``app``) --------------------
 # (import lines are added here as those modules land)
+from . import cli_calibrate  # noqa: E402,F401
 from . import cli_eval  # noqa: E402,F401
 from . import cli_profile  # noqa: E402,F401
 

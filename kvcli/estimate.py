@@ -12,6 +12,9 @@ layer exactly as ``kvcli/cache.py`` stores it (batch 1):
   statistics and the budget is not full;
 * sliding-window layers: the last ``window - 1`` entries of K and V, nothing else.
 
+A method whose saving is structural (``uses_budget`` False, plain PoD) runs at a full budget,
+as in the ``Engine``.
+
 The hook for methods whose storage differs (e.g. PoD sharing distant keys across layers):
 
     def estimate_layers(self, shape: CacheShape, step: EstimateStep,
@@ -33,7 +36,7 @@ from types import SimpleNamespace
 
 import torch
 
-from .budget import Budget, parse_budget
+from .budget import FULL, Budget, parse_budget
 from .errors import KvcliError
 
 DEFAULT_CHUNK = 512
@@ -281,6 +284,8 @@ def estimate_kv_bytes(config, context_tokens: int, method, budget: Budget | floa
         raise KvcliError(f"invalid context length {context_tokens}: it must be a positive number of tokens")
     context_tokens = int(context_tokens)
     meth = make_estimating_method(method, method_options)
+    if not meth.uses_budget:  # as the Engine: a structural saving only (plain PoD), no token budget
+        budget = FULL
     shape = cache_shape(config, dtype)
     compresses = _compresses(meth)
     base = EstimateStep(seen=0, chunk=0, chunk_size=chunk_size, budget=budget, options=dict(method_options or {}))

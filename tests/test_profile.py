@@ -12,7 +12,7 @@ from kvcli import profile as prof
 from kvcli.cli import app
 from kvcli.errors import KvcliError
 from kvcli.estimate import cache_shape, estimate_kv_bytes, load_config
-from kvcli.methods import make_method, method_names
+from kvcli.methods import method_names
 from conftest import IdTokenizer, tiny_gemma3, tiny_llama
 
 runner = CliRunner()
@@ -64,8 +64,6 @@ def test_profile_kv_bytes_are_the_cache_tensors(models, method):
 @pytest.mark.parametrize("budget", ["0.5", "1.0", "40"])
 def test_estimate_equals_measured_bytes(models, shape, method, budget):
     lm = models[shape]
-    if method.startswith("pod") and not hasattr(make_method(method), "estimate_layers"):
-        pytest.xfail("PoD's storage differs: it needs an estimate_layers hook (see kvcli/estimate.py)")
     ctx = api.prefill(lm, doc_ids(), method=method, budget=budget, chunk_size=CHUNK, raw=True)
     rep, stats = ctx.report(), ctx.engine.stats
     est = estimate_kv_bytes(lm.model.config, DOC_LEN, method, budget, lm.dtype, chunk_size=CHUNK)

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import json
 import math
+import operator
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -46,6 +48,47 @@ def calibration_path(config) -> Path:
     return cache_dir() / "calibration" / f"{safe}.json"
 
 
+def _integer(value) -> int:
+    """An integer option: ints, and floats without a fraction (``16.0``); TypeError otherwise."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return operator.index(value)
+
+
+def _block_lists(blocks, where: str) -> list[list[int]]:
+    """``blocks`` as lists of layer indices, or a one-line error (whether they partition the
+    growing layers is checked once the model is known, in ``PoD.choose_blocks``)."""
+    try:
+        if isinstance(blocks, (str, bytes)) or any(isinstance(b, (str, bytes)) for b in blocks):
+            raise TypeError
+        out = [[operator.index(i) for i in b] for b in blocks]
+    except TypeError:
+        raise KvcliError(f"pod: {where} must be lists of layer indices, e.g. [[0, 1], [2, 3]]; got {blocks!r}") from None
+    if not out or not all(out):
+        raise KvcliError(f"pod: {where} must be non-empty lists of layer indices; got {blocks!r}")
+    return out
+
+
+@dataclass
+class _BlockCounts:
+    """A PoD block's storage as entry counts, for ``PoD.estimate_layers`` (every block holds
+    the same counts): entries per layer, the members' own head and tail keys, and whether
+    the block has been rewritten (then per-entry positions, and counts for a merging inner
+    method, exist)."""
+
+    entries: int = 0
+    head: int = 0
+    tail: int = 0
+    compressed: bool = False
+
+    def forward(self, chunk: int, n_s: int) -> None:
+        """``SharedKeyLayer.update``: the head fills first, while the tail is empty."""
+        take = min(chunk, max(0, n_s - self.head)) if self.tail == 0 else 0
+        self.entries += chunk
+        self.head += take
+        self.tail += chunk - take
+
+
 class PoD(Method):
     name = "pod"
     description = "PoD: full KV for proximal tokens, distant keys shared across layers"
@@ -54,12 +97,19 @@ class PoD(Method):
                  blocks: list[list[int]] | None = None, profile: str | None = None, inner: Method | None = None,
                  **kw) -> None:
         super().__init__(n_sink=kw.pop("n_sink", 4), **kw)
-        if int(n_s) < 0 or not 0 <= float(n_r_ratio) <= 1 or int(n_r_min) < 0:
+        try:
+            n_s, n_r_min, block_size = (_integer(v) for v in (n_s, n_r_min, block_size))
+            n_r_ratio = float(n_r_ratio)
+        except (TypeError, ValueError):
+            raise KvcliError(f"pod: n_s, n_r_min and block_size must be integers and n_r_ratio a number, got "
+                             f"n_s={n_s!r}, n_r_min={n_r_min!r}, block_size={block_size!r}, n_r_ratio={n_r_ratio!r}") from None
+        if n_s < 0 or not 0 <= n_r_ratio <= 1 or n_r_min < 0:
             raise KvcliError("pod: n_s >= 0, n_r_ratio in [0, 1] and n_r_min >= 0 are required")
-        if int(block_size) < 1:
+        if block_size < 1:
             raise KvcliError(f"pod: block_size must be >= 1, got {block_size}")
-        self.n_s, self.n_r_ratio, self.n_r_min = int(n_s), float(n_r_ratio), int(n_r_min)
-        self.block_size, self.explicit_blocks, self.profile = int(block_size), blocks, profile
+        self.n_s, self.n_r_ratio, self.n_r_min, self.block_size = n_s, n_r_ratio, n_r_min, block_size
+        self.explicit_blocks = None if blocks is None else _block_lists(blocks, "option blocks")
+        self.profile = profile
         self.inner = inner
         self.needs_scores = bool(inner and inner.needs_scores)
         self.count_bias = bool(inner and inner.count_bias)
@@ -67,6 +117,7 @@ class PoD(Method):
         self.uses_budget = inner is not None  # plain PoD keeps every token: its saving is the shared keys
         self.blocks: list[list[int]] = []
         self.blocks_source = ""
+        self._counts = _BlockCounts()  # estimate_layers' replay
         if inner is not None:
             self.name = f"pod+{inner.name}"
 
@@ -80,7 +131,7 @@ class PoD(Method):
     # ---- layer grouping -------------------------------------------------------------------
     def choose_blocks(self, growing: list[int], config) -> list[list[int]]:
         if self.explicit_blocks is not None:
-            blocks, self.blocks_source = [list(map(int, b)) for b in self.explicit_blocks], "option"
+            blocks, self.blocks_source = self.explicit_blocks, "option"
         else:
             path = Path(self.profile) if self.profile else calibration_path(config)
             if path.is_file():
@@ -88,6 +139,7 @@ class PoD(Method):
                     blocks = json.loads(path.read_text())["blocks"]
                 except (ValueError, KeyError, TypeError):
                     raise KvcliError(f"pod: calibration profile {path} is not valid (re-run kvcli calibrate)") from None
+                blocks = _block_lists(blocks, f"calibration profile {path}")
                 self.blocks_source = str(path)
             elif self.profile:
                 raise KvcliError(f"pod: calibration profile {self.profile}: no such file")
@@ -113,6 +165,17 @@ class PoD(Method):
     def recent_window(self, seen: int) -> int:
         return max(self.n_r_min, math.ceil(self.n_r_ratio * seen))
 
+    def proximal_window(self, seen: int, target: int, length: int) -> tuple[int, bool]:
+        """``(n_recent, squeeze)`` after ``seen`` tokens for a block whose layers hold
+        ``length`` entries: the recent window in positions, and whether the distant entries
+        must be compressed to ``target`` (``pod+X`` over budget).  When squeezing, the budget
+        wins over the recent window: at least one distant slot remains."""
+        n_recent = self.recent_window(seen)
+        squeeze = self.inner is not None and target < length
+        if squeeze:
+            n_recent = max(0, min(n_recent, target - min(self.n_s, length) - 1))
+        return n_recent, squeeze
+
     # ---- after every chunk ------------------------------------------------------------------
     def compress(self, cache: KVCache, budget) -> None:
         seen = cache.seen
@@ -120,10 +183,7 @@ class PoD(Method):
         for block in self.blocks:
             anchor: GrowingLayer = cache.layers[block[0]]
             members: list[SharedKeyLayer] = [cache.layers[i] for i in block[1:]]
-            n_recent = self.recent_window(seen)
-            squeeze = self.inner is not None and target < anchor.length
-            if squeeze:  # the budget wins over the recent window: at least one distant slot remains
-                n_recent = max(0, min(n_recent, target - min(self.n_s, anchor.length) - 1))
+            n_recent, squeeze = self.proximal_window(seen, target, anchor.length)
             horizon = seen - n_recent
             if squeeze:
                 self._compress_distant(anchor, members, horizon, target)
@@ -151,7 +211,8 @@ class PoD(Method):
         temp.values = torch.cat([l.values[:, :, sl] for l in layers], dim=1)
         temp.length = n_dist
         temp.positions = pos[:, :, sl].repeat(1, len(layers), 1)
-        temp.counts = anchor.entry_counts()[:, :, sl].repeat(1, len(layers), 1)
+        if self.stores_counts:  # counts only for a merging inner method (None reads as ones)
+            temp.counts = anchor.entry_counts()[:, :, sl].repeat(1, len(layers), 1)
         for stat in ("scores", "obs"):
             parts = [l.valid(stat) for l in layers]
             if all(p is not None for p in parts):
@@ -169,15 +230,53 @@ class PoD(Method):
             new = {
                 "values": join(temp.values[:, heads], layer.valid("values")),
                 "positions": join(temp.positions[:, heads], layer.key_positions()),
-                "counts": join(temp.counts[:, heads], layer.entry_counts()),
+                "counts": join(None if temp.counts is None else temp.counts[:, heads], layer.entry_counts()),
                 "scores": join(None if temp.scores is None else temp.scores[:, heads], layer.valid("scores")),
                 "obs": join(None if temp.obs is None else temp.obs[:, heads], layer.valid("obs")),
             }
             if j == 0:
                 keys = join(temp.keys[:, :h], layer.valid("keys"))
-            else:
-                keys = (layer.head_keys, layer.tail_keys[:, :, layer.n_tail - n_tail :] if n_tail else layer.tail_keys[:, :, :0])
+            else:  # a copy, not a view: the dropped keys' storage must really be freed
+                keys = (layer.head_keys, layer.tail_keys[:, :, layer.n_tail - n_tail :].clone())
             layer.assign(keys, **new)
 
     def compress_layer(self, layer, target: int) -> None:  # PoD works per block (compress)
         raise NotImplementedError
+
+    # ---- memory estimate (``kvcli profile --estimate``) ---------------------------------------
+    def estimate_layers(self, shape, step, default: list) -> list:
+        """The ``kvcli.estimate`` hook: per-layer bytes at ``step``, replaying ``compress`` on
+        entry counts (called for every moment of one estimate, in order).  Anchors are growing
+        layers; members hold values and metadata for every entry, keys for head + tail only."""
+        from ..estimate import growing_layer
+
+        if step.seen == step.chunk and not step.compressed:  # first moment of this estimate
+            self.blocks = self.choose_blocks(shape.growing_indices, shape.config)
+            self._counts = _BlockCounts()
+        counts = self._counts
+        if step.compressed:
+            self._estimate_compress(counts, step.seen, step.budget.target(step.seen))
+        else:
+            counts.forward(step.chunk, self.n_s)
+        stats = bool(self.needs_scores) and not step.budget.is_full
+        per_key = shape.kv_entry_bytes // 2  # one entry's keys (or values) over the KV heads
+        out = list(default)
+        for block in self.blocks:
+            for j, idx in enumerate(block):
+                layer = growing_layer(shape, idx, counts.entries, positions=counts.compressed,
+                                      counts=counts.compressed and self.stores_counts, stats=stats)
+                out[idx] = replace(layer, keys=(counts.head + counts.tail) * per_key) if j else layer
+        return out
+
+    def _estimate_compress(self, counts: _BlockCounts, seen: int, target: int) -> None:
+        """``compress`` on counts.  A squeeze rewrites a block holding more than ``n_s``
+        entries to head + distant + recent window = ``target`` entries (at least one distant
+        slot).  Members keep ``min(tail, n_recent)`` own keys: their tail is a run of entries
+        never compressed, and the window grows by at most a chunk per step, so whenever
+        ``n_recent`` is below the tail the anchor holds exactly ``n_recent`` entries at or
+        after the horizon (above it, at least the tail: nothing is dropped)."""
+        n_recent, squeeze = self.proximal_window(seen, target, counts.entries)
+        if squeeze and counts.entries > self.n_s:
+            counts.entries = max(target, self.n_s + 1)
+            counts.compressed = True
+        counts.tail = min(counts.tail, n_recent)
