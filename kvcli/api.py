@@ -235,10 +235,7 @@ def prefill(
         ids = torch.as_tensor(document, dtype=torch.long).view(1, -1)
     else:
         text = document.text if isinstance(document, Document) else str(document)
-        prefix = ([tok.bos_token_id] if template.add_bos and tok.bos_token_id is not None else [])
-        prefix += tok.encode(template.prefix, add_special_tokens=False) if template.prefix else []
-        doc_ids = tok.encode(text, add_special_tokens=False)
-        ids = torch.tensor([prefix + doc_ids], dtype=torch.long)
+        ids = torch.tensor([template.prefix_ids(tok) + tok.encode(text, add_special_tokens=False)], dtype=torch.long)
     truncated = 0
     limit = lm.max_positions
     if limit and ids.shape[1] + QUESTION_RESERVE > limit:

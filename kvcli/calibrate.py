@@ -57,7 +57,6 @@ import json
 import math
 import os
 import random
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -110,11 +109,7 @@ def document_ids(lm, text: str) -> list[int]:
     from .prompts import choose_template
 
     tok = lm.tokenizer
-    template = choose_template(tok, lm.is_base)
-    ids = [tok.bos_token_id] if template.add_bos and tok.bos_token_id is not None else []
-    if template.prefix:
-        ids += tok.encode(template.prefix, add_special_tokens=False)
-    return ids + list(tok.encode(text, add_special_tokens=False))
+    return choose_template(tok, lm.is_base).prefix_ids(tok) + list(tok.encode(text, add_special_tokens=False))
 
 
 def filler_ids(lm, tokens: int, seed: int = 0, style: str = "prose") -> list[int]:
@@ -196,15 +191,14 @@ def choose_blocks(growing: list[int], matrix: list[list[float | None]], threshol
     n = len(growing)
     if n == 0:
         return []
+    check_rule(threshold, max_block, n_blocks)
     if n_blocks is not None:
-        if not 1 <= n_blocks <= n:
+        if n_blocks > n:
             raise KvcliError(f"--blocks {n_blocks}: give 1 to {n} (the model has {n} full-attention layers)")
         gaps = sorted(range(n - 1), key=lambda k: (-_value(matrix[k][k + 1]), k))[: n_blocks - 1]
         cuts = sorted(k + 1 for k in gaps)
         bounds = [0, *cuts, n]
         return [growing[a:b] for a, b in zip(bounds, bounds[1:])]
-    if threshold < 0 or max_block < 0:
-        raise KvcliError("threshold and max_block must be >= 0")
     blocks: list[list[int]] = []
     current = [0]
     for j in range(1, n):
@@ -216,6 +210,15 @@ def choose_blocks(growing: list[int], matrix: list[list[float | None]], threshol
             current = [j]
     blocks.append(current)
     return [[growing[i] for i in b] for b in blocks]
+
+
+def check_rule(threshold: float, max_block: int, n_blocks: int | None) -> None:
+    """The grouping rule's settings, or a one-line error (the count rule ignores the others)."""
+    if n_blocks is not None:
+        if n_blocks < 1:
+            raise KvcliError(f"invalid --blocks {n_blocks}: it must be at least 1")
+    elif not threshold >= 0 or max_block < 0:
+        raise KvcliError(f"invalid grouping: threshold {threshold} and max_block {max_block} must be >= 0")
 
 
 def _value(v: float | None) -> float:
@@ -365,10 +368,7 @@ def calibrate(model, ids, *, threshold: float = DEFAULT_THRESHOLD, max_block: in
               sinks: int = DEFAULT_SINKS, how: str = "attention", heads: str = "group", chunk_size: int = 512,
               backend: str = "auto", on_progress: Callable[[str, int, int], None] | None = None) -> Calibration:
     """Measure (``measure``) and group (``choose_blocks``): the ``Calibration`` with blocks."""
-    if n_blocks is None and (threshold < 0 or max_block < 0):
-        raise KvcliError(f"invalid grouping: threshold {threshold} and max_block {max_block} must be >= 0")
-    if n_blocks is not None and n_blocks < 1:
-        raise KvcliError(f"invalid --blocks {n_blocks}: it must be at least 1")
+    check_rule(threshold, max_block, n_blocks)  # before the measurement, not after it
     # The threshold rule compares a block's anchor with layers up to max_block - 1 later;
     # the count rule only needs consecutive pairs.
     band = 1 if n_blocks is not None else (None if max_block == 0 else max(1, max_block - 1))
@@ -383,14 +383,6 @@ def calibrate(model, ids, *, threshold: float = DEFAULT_THRESHOLD, max_block: in
 # ---- the profile file ------------------------------------------------------------------------------
 def write_profile(path: str | os.PathLike, data: dict) -> Path:
     """Write ``data`` as JSON to ``path`` atomically (a temporary file beside it, renamed)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=2)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    from .fileio import atomic_write_text
+
+    return atomic_write_text(path, json.dumps(data, indent=2) + "\n")

@@ -25,6 +25,11 @@ class Template:
     stop_answer: list[str] = field(default_factory=list)
     stop_summary: list[str] = field(default_factory=list)
 
+    def prefix_ids(self, tokenizer) -> list[int]:
+        """Token ids that go before the document: BOS where the template wants it, then ``prefix``."""
+        ids = [tokenizer.bos_token_id] if self.add_bos and tokenizer.bos_token_id is not None else []
+        return ids + (tokenizer.encode(self.prefix, add_special_tokens=False) if self.prefix else [])
+
     def question(self, question: str, answer_prefix: str = "") -> str:
         text = self.question_format.format(question=question.strip())
         return text + (" " + answer_prefix.strip() if answer_prefix else "")

@@ -50,6 +50,29 @@ def sharpen(model, factor: float = 8.0):
     return model
 
 
+WORDS = [f"w{i}" for i in range(40)]
+
+
+def save_word_llama(path, layers: int = 2, prepare=lambda model: model):
+    """Save a tiny Llama (512 positions, GQA) with a word-level tokenizer over ``WORDS`` into
+    ``path``, as a hub model directory is laid out; ``prepare`` may adjust the model first."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>", "<pad>", *WORDS])}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    core.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>",
+                                               unk_token="<unk>", pad_token="<pad>")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                                   max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    prepare(transformers.AutoModelForCausalLM.from_config(cfg)).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
 class IdTokenizer:
     """Minimal tokenizer stand-in for raw-id runs on tiny models."""
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 import transformers
 
-from conftest import IdTokenizer, sharpen, tiny_gemma3, tiny_llama
+from conftest import WORDS, IdTokenizer, save_word_llama, sharpen, tiny_gemma3, tiny_llama
 from kvcli import api
 from kvcli.budget import Budget
 from kvcli.calibrate import LN2, calibrate, choose_blocks, jsd, measure, write_profile
@@ -268,28 +268,10 @@ def test_profile_picked_up_by_pod(tmp_path, monkeypatch):
 
 
 # ---- the command line -----------------------------------------------------------------------------------
-_WORDS = [f"w{i}" for i in range(40)]
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A tiny 3-layer Llama with a word-level tokenizer, saved like a hub model."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    path = tmp_path_factory.mktemp("calib-llama")
-    vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>", "<pad>", *_WORDS])}
-    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Whitespace()
-    core.decoder = decoders.WordPiece(prefix="##")
-    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>",
-                                               unk_token="<unk>", pad_token="<pad>")
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                                   bos_token_id=1, eos_token_id=2, pad_token_id=3)
-    sharpen(transformers.AutoModelForCausalLM.from_config(cfg)).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    return save_word_llama(tmp_path_factory.mktemp("calib-llama"), layers=3, prepare=sharpen)
 
 
 @pytest.fixture
@@ -302,7 +284,7 @@ def cli(capfd, monkeypatch, tmp_path):
 def words_doc(tmp_path):
     path = tmp_path / "words.txt"
     gen = torch.Generator().manual_seed(1)
-    path.write_text(" ".join(_WORDS[int(i)] for i in torch.randint(0, 40, (400,), generator=gen)), encoding="utf-8")
+    path.write_text(" ".join(WORDS[int(i)] for i in torch.randint(0, 40, (400,), generator=gen)), encoding="utf-8")
     return path
 
 

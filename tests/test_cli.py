@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import WORDS, save_word_llama
 from kvcli.cli import main
 
 # --------------------------------------------------------------------------- helpers
@@ -235,35 +236,16 @@ def test_hub_id_not_cached_fails_fast(doc, tmp_path, missing_file_run):
 
 # --------------------------------------------------------------------------- too long for the model
 
-_WORDS = [f"w{i}" for i in range(40)]
-
-
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny Llama with 512 positions and a word-level tokenizer, saved like a hub model."""
-    import transformers
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    path = tmp_path_factory.mktemp("tiny-llama-512")
-    vocab = {tok: i for i, tok in enumerate(["<unk>", "<s>", "</s>", "<pad>", *_WORDS])}
-    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Whitespace()
-    core.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
-    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>",
-                                               unk_token="<unk>", pad_token="<pad>")
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                                   bos_token_id=1, eos_token_id=2, pad_token_id=3)
-    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    return save_word_llama(tmp_path_factory.mktemp("tiny-llama-512"), layers=2)
 
 
 @pytest.fixture
 def long_doc(tmp_path) -> Path:
     path = tmp_path / "long.txt"
-    path.write_text(" ".join(_WORDS[i % len(_WORDS)] for i in range(1000)), encoding="utf-8")  # 1001 tokens with BOS
+    path.write_text(" ".join(WORDS[i % len(WORDS)] for i in range(1000)), encoding="utf-8")  # 1001 tokens with BOS
     return path
 
 

@@ -11,12 +11,12 @@ import csv
 import io
 import json
 import os
-import tempfile
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
 from kvcli.errors import KvcliError
+from kvcli.fileio import atomic_write_text
 from kvcli.eval.runner import COLUMNS, FULL
 
 
@@ -124,18 +124,6 @@ def json_text(result) -> str:
 
 
 # ------------------------------------------------------------------ files
-def _atomic_write(path: Path, text: str) -> None:
-    """Write via a temporary file and rename, so a failure never leaves half a file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def prepare_dir(path: str | Path, what: str = "--out") -> Path:
     """Create an output directory (before the long run starts, so errors come first)."""
     p = Path(path).expanduser()
@@ -166,9 +154,9 @@ def write_results(result, out_dir: str | Path, stem: str = "results", command: s
                  "reference answer minus the full cache's; KV kept = cache bytes / full-cache bytes.")
     if command:
         notes.append(f"Command: `{command}`")
-    _atomic_write(paths["csv"], csv_text(result.rows))
-    _atomic_write(paths["json"], json_text(result) + "\n")
-    _atomic_write(paths["md"], md + "\n" + "\n\n".join(notes) + "\n")
+    atomic_write_text(paths["csv"], csv_text(result.rows))
+    atomic_write_text(paths["json"], json_text(result) + "\n")
+    atomic_write_text(paths["md"], md + "\n" + "\n\n".join(notes) + "\n")
     return paths
 
 
