@@ -29,8 +29,10 @@ import sys
 import time
 from pathlib import Path
 
+from kvcli import api
 from kvcli.methods import method_names
-from kvcli.profile import ProfileSpec, default_document, plot_rows, run_profile
+from kvcli.profile.plot import plot_rows
+from kvcli.profile.profile import ProfileRow, ProfileSpec, default_document, run_profile
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,7 +58,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="embedded")
     ap.add_argument("--out", default=str(ROOT / "results"))
     args = ap.parse_args(argv)
-    from kvcli import api
 
     names = [m for m in method_names() if m != "full"] if args.methods == "all" else \
         [m for m in args.methods.split(",") if m and m != "full"]
@@ -67,13 +68,15 @@ def main(argv: list[str] | None = None) -> int:
     runs = [("full", "1.0")] + [(m, "1.0") for m in names if m == "pod"]
     runs += [(m, b) for b in budgets for m in names if m != "pod"]
     rows: list[dict] = []
+    typed: list[ProfileRow] = []
     t0 = time.perf_counter()
     for method, budget in runs:
         spec = ProfileSpec(document=doc, methods=[method], budget=budget, chunk_size=args.chunk_size,
                            decode_tokens=args.decode_tokens, model=args.model)
         res = run_profile(spec, isolate=True)
-        rows.extend(res.rows)
-        r = res.rows[-1] if res.rows else {"method": method, "status": "missing"}
+        rows.extend(r.as_dict() for r in res.rows)
+        typed.extend(res.rows)
+        r = rows[-1] if res.rows else {"method": method, "status": "missing"}
         print(f"[{time.perf_counter() - t0:6.0f}s] {method}@{budget}: "
               + (f"kv {r['kv_bytes'] / r['kv_bytes_full']:.3f}, prefill {r['prefill_tokens_per_second']:.0f} tok/s, "
                  f"decode {r.get('decode_tokens_per_second') or 0:.1f} tok/s, compress {r['compress_seconds']:.1f}s"
@@ -94,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     lines += [fmt_row(r, full) for r in rows]
     (out / "compression.md").write_text("\n".join(lines) + "\n")
     (out / "compression.json").write_text(json.dumps({"command": command, "rows": rows}, indent=1, default=str))
-    first = [r for r in rows if r.get("status") == "ok" and (r["method"] in ("full", "pod") or r["budget"] == budgets[0])]
+    first = [r for r in typed if r.status == "ok" and (r.method in ("full", "pod") or r.budget == budgets[0])]
     try:
         plot_rows(first, str(out / "compression.png"), title=f"embedded model, {tokens} tokens, budget {budgets[0]}")
     except Exception as exc:  # the table matters more than the picture

@@ -24,8 +24,11 @@ import time
 from pathlib import Path
 
 from kvcli import api
+from kvcli.cli.eval import parse_kinds, parse_lengths
+from kvcli.cli.options import parse_list
+from kvcli.core import defaults
 from kvcli.eval import runner
-from kvcli.eval.report import markdown_table, write_results
+from kvcli.eval.report import markdown_table, write_plots, write_results
 from kvcli.eval.tasks import KINDS
 from kvcli.methods import method_names
 
@@ -51,17 +54,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--samples", type=int, default=None, help="tasks per (kind, length); default: what fits in --hours")
     ap.add_argument("--hours", type=float, default=1.0, help="time the default sample count aims at (default 1)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--chunk-size", type=int, default=api.DEFAULT_CHUNK)
+    ap.add_argument("--chunk-size", type=int, default=defaults.CHUNK_SIZE)
     ap.add_argument("--query-aware", action="store_true")
     ap.add_argument("--model", default="embedded")
     ap.add_argument("--out", default=str(ROOT / "results"))
     ap.add_argument("--plot", default=None, help="also write plots into this directory")
     args = ap.parse_args(argv)
 
-    methods = method_names() if args.methods == "all" else runner.parse_list(args.methods, "methods")
-    methods, budgets, _ = runner.validate_methods(methods, runner.parse_list(args.budgets, "budgets"))
-    kinds = runner.parse_kinds(args.tasks)
-    lengths = runner.parse_lengths(args.lengths)
+    methods = method_names() if args.methods == "all" else parse_list(args.methods, "--methods")
+    methods, budgets, _ = runner.validate_methods(methods, parse_list(args.budgets, "--budgets"))
+    kinds = parse_kinds(args.tasks)
+    lengths = parse_lengths(args.lengths)
     runs = 1 + sum(1 if m == "pod" else len(budgets) for m in methods)  # plain pod: one run
     samples = args.samples
     if samples is None:
@@ -81,8 +84,9 @@ def main(argv: list[str] | None = None) -> int:
         eta = f", eta {el / done * (total - done) / 60:.0f} min" if done else ""
         print(f"[{done}/{total}] {el / 60:.1f} min{eta}  {label}", file=sys.stderr, flush=True)
 
-    result = runner.run_eval(lm, items, methods=methods, budgets=budgets, chunk_size=args.chunk_size,
-                             query_aware=args.query_aware, on_step=on_step,
+    settings = runner.EvalSettings(methods=methods, budgets=budgets, chunk_size=args.chunk_size,
+                                   query_aware=args.query_aware)
+    result = runner.run_eval(lm, items, settings, on_step=on_step,
                              config={"kinds": kinds, "lengths": lengths, "samples": samples, "seed": args.seed,
                                      "depths": depths})
     seconds = time.perf_counter() - t0
@@ -90,8 +94,6 @@ def main(argv: list[str] | None = None) -> int:
     result.config.update(seconds=round(seconds, 1), estimated_seconds=round(est, 1), command=command.strip())
     paths = write_results(result, args.out, stem="eval_quality", command=command.strip())
     if args.plot:
-        from kvcli.eval.report import write_plots
-
         write_plots(result.rows, args.plot)
     print(markdown_table(result.rows))
     print(f"{seconds / 60:.1f} min (estimated {est / 60:.0f}); wrote {', '.join(str(p) for p in paths.values())}",

@@ -15,7 +15,7 @@ import argparse
 
 from kvcli import api
 from kvcli.eval import runner
-from kvcli.presets import parse_options
+from kvcli.cli.options import parse_options
 
 
 def main(argv: list[str] | None = None) -> int:

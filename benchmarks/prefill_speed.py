@@ -37,7 +37,7 @@ import torch
 from kvcli import api
 from kvcli.api import Sampler
 from kvcli.eval.fillers import filler_sentences
-from kvcli.models import embedded_model_dir
+from kvcli.engine.models import embedded_model_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 ONE_SHOT = "one-shot sdpa"

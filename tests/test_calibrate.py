@@ -17,10 +17,10 @@ import transformers
 
 from conftest import WORDS, IdTokenizer, save_word_llama, sharpen, tiny_gemma3, tiny_llama
 from kvcli import api
-from kvcli.budget import Budget
-from kvcli.calibrate import LN2, calibrate, choose_blocks, jsd, measure, write_profile
-from kvcli.engine import Engine
-from kvcli.errors import KvcliError
+from kvcli.core.budget import Budget
+from kvcli.profile.calibrate import LN2, calibrate, choose_blocks, jsd, measure, write_profile
+from kvcli.engine.engine import Engine
+from kvcli.core.errors import KvcliError
 from kvcli.methods import make_method
 from kvcli.methods.pod import calibration_path
 from test_cli import assert_one_line_error, run_cli

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from conftest import WORDS, save_word_llama
-from kvcli.cli import main
+from kvcli.cli.app import main
 
 # --------------------------------------------------------------------------- helpers
 
@@ -51,7 +51,7 @@ def run_cli(args: list[str], capfd, monkeypatch) -> Result:
 def cli_command() -> list[str]:
     """The installed console script, else the same entry point through this interpreter."""
     script = shutil.which("kvcli") or shutil.which("kvcli", path=str(Path(sys.executable).parent))
-    return [script] if script else [sys.executable, "-c", "from kvcli.cli import main; main()"]
+    return [script] if script else [sys.executable, "-c", "from kvcli.cli.app import main; main()"]
 
 
 def run_subprocess(args: list[str], env: dict | None = None, timeout: float = 120) -> tuple[Result, float]:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kvcli import api
-from kvcli.budget import parse_budget
+from kvcli.core.budget import parse_budget
 from kvcli.cache import GrowingLayer
 from kvcli.methods import method_names
 from conftest import IdTokenizer, sharpen, tiny_gemma3, tiny_llama
@@ -59,7 +59,7 @@ def test_cache_bounded_by_budget_plus_chunk(shape, method, budget):
     meth.compress = checked
     torch.manual_seed(0)
     ids = torch.randint(3, 128, (doc_len,))
-    from kvcli.engine import Engine
+    from kvcli.engine.engine import Engine
 
     eng = Engine(lm.model, meth, b, chunk_size=chunk)
     eng.prefill(ids.view(1, -1))

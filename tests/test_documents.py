@@ -9,8 +9,8 @@ import pytest
 from pypdf import PdfWriter
 from pypdf.generic import ContentStream, DecodedStreamObject, DictionaryObject, NameObject
 
-from kvcli.documents import Document, load_document, normalize
-from kvcli.errors import KvcliError
+from kvcli.core.documents import Document, load_document, normalize
+from kvcli.core.errors import KvcliError
 
 
 def make_pdf(pages: list[str], password: str | None = None) -> bytes:

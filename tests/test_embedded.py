@@ -31,7 +31,7 @@ REPORT_FIELDS = ("model", "method", "budget", "context_tokens", "kv_bytes", "kv_
 
 def kvcli(*args, timeout: float = 600) -> subprocess.CompletedProcess:
     script = shutil.which("kvcli") or shutil.which("kvcli", path=str(Path(sys.executable).parent))
-    cmd = [script] if script else [sys.executable, "-c", "from kvcli.cli import main; main()"]
+    cmd = [script] if script else [sys.executable, "-c", "from kvcli.cli.app import main; main()"]
     return subprocess.run([*cmd, *[str(a) for a in args]], capture_output=True, text=True, timeout=timeout,
                           stdin=subprocess.DEVNULL)
 
@@ -42,7 +42,7 @@ def haystack(tmp_path_factory) -> Path:
     from transformers import AutoTokenizer
 
     from kvcli.eval.fillers import filler_sentences
-    from kvcli.models import embedded_model_dir
+    from kvcli.engine.models import embedded_model_dir
 
     tok = AutoTokenizer.from_pretrained(str(embedded_model_dir(quiet=True)))
     sentences, count = [], 0

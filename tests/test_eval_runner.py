@@ -14,10 +14,12 @@ import torch
 
 from conftest import IdTokenizer, tiny_gemma3, tiny_llama
 from kvcli import api
-from kvcli.errors import KvcliError
+from kvcli.core.errors import KvcliError
+from kvcli.cli import eval as cli_eval
 from kvcli.eval import runner
 from kvcli.eval.report import markdown_table, summarize, write_plots, write_results
-from kvcli.eval.runner import COLUMNS, EvalItem, question_items, run_eval, synthetic_items
+from kvcli.eval.rows import COLUMNS, EvalRow
+from kvcli.eval.runner import EvalItem, EvalSettings, question_items, run_eval, synthetic_items
 from kvcli.eval.tasks import generate_task
 from kvcli.methods import method_names
 
@@ -58,26 +60,26 @@ def test_rows_for_every_method_and_budget(tiny_lm, tmp_path):
     items = _items(tiny_lm, kinds=("niah_single", "fwe"))
     methods = method_names()
     steps = []
-    res = run_eval(tiny_lm, items, methods=methods, budgets=["0.5", "100"], chunk_size=64, max_new_tokens=4,
+    res = run_eval(tiny_lm, items, EvalSettings(methods=methods, budgets=["0.5", "100"], chunk_size=64, max_new_tokens=4),
                    on_step=lambda d, t, label: steps.append((d, t)))
     runs = [("full", "1"), ("pod", "1")]  # plain pod keeps every token: one run whatever the budgets
     runs += [(m, b) for m in methods if m not in ("full", "pod") for b in ("0.5", "100")]
     assert steps[-1] == (len(items) * len(runs),) * 2
     assert len(res.rows) == len(items) * len(runs)
-    got = {(r["kind"], r["method"], r["budget"]) for r in res.rows}
+    got = {(r.kind, r.method, r.budget) for r in res.rows}
     assert got == {(it.kind, m, b) for it in items for m, b in runs}
     for r in res.rows:
-        assert set(COLUMNS) <= set(r)
-        assert 0.0 <= r["score"] <= 1.0 and r["prefill_seconds"] > 0
-        if r["method"] == "full":
-            assert r["logprob_delta"] == 0.0 and r["kv_ratio"] == pytest.approx(1.0)
+        assert set(COLUMNS) <= set(r.as_dict())
+        assert 0.0 <= r.score <= 1.0 and r.prefill_seconds > 0
+        if r.method == "full":
+            assert r.logprob_delta == 0.0 and r.kv_ratio == pytest.approx(1.0)
         else:
-            assert r["kv_ratio"] > 0
-    assert min(r["kv_ratio"] for r in res.rows if r["method"] == "streaming") < 0.6  # really compressed
+            assert r.kv_ratio > 0
+    assert min(r.kv_ratio for r in res.rows if r.method == "streaming") < 0.6  # really compressed
     # full cache first in the summary; % of full is 100 for itself
     summary = summarize(res.rows)
-    assert summary[0]["label"] == "full" and len(summary) == len(runs)
-    assert set(summary[0]["scores"]) == {"niah_single", "fwe"}
+    assert summary[0].label == "full" and len(summary) == len(runs)
+    assert set(summary[0].scores) == {"niah_single", "fwe"}
 
     paths = write_results(res, tmp_path / "out", command="kvcli eval --test")
     with open(paths["csv"], newline="") as fh:
@@ -105,8 +107,8 @@ def full_budget_rows():
     def get(model: str):
         if model not in cache:
             lm = api.wrap_model(FACTORIES[model](), CharTokenizer())
-            cache[model] = run_eval(lm, _items(lm), methods=method_names(), budgets=[1.0], chunk_size=64,
-                                    max_new_tokens=2).rows
+            cache[model] = run_eval(lm, _items(lm), EvalSettings(methods=method_names(), budgets=[1.0], chunk_size=64,
+                                                                 max_new_tokens=2)).rows
         return cache[model]
     return get
 
@@ -118,12 +120,12 @@ def test_logprob_identical_at_full_budget(full_budget_rows, model, method):
     """At budget 1.0 a method keeps everything: the answer likelihood must be the full
     cache's, on every task (several chunks, so compress ran after each)."""
     rows = full_budget_rows(model)
-    full = {r["kind"]: r["logprob"] for r in rows if r["method"] == "full"}
-    mine = [r for r in rows if r["method"] == method]
-    assert {r["kind"] for r in mine} == set(full) == {"niah_single", "vt"}
+    full = {r.kind: r.logprob for r in rows if r.method == "full"}
+    mine = [r for r in rows if r.method == method]
+    assert {r.kind for r in mine} == set(full) == {"niah_single", "vt"}
     for r in mine:
-        assert r["logprob"] == pytest.approx(full[r["kind"]], abs=1e-6)
-        assert abs(r["logprob_delta"]) <= 1e-6
+        assert r.logprob == pytest.approx(full[r.kind], abs=1e-6)
+        assert abs(r.logprob_delta) <= 1e-6
 
 
 def test_questions_share_one_prefill(tiny_lm, tmp_path):
@@ -134,11 +136,12 @@ def test_questions_share_one_prefill(tiny_lm, tmp_path):
     items = question_items(doc, str(q), tiny_lm.tokenizer)
     assert [it.reference for it in items] == ["on the mat", "cat, dog"]
     steps = []
-    res = run_eval(tiny_lm, items, methods=["streaming"], budgets=[0.5], chunk_size=64, max_new_tokens=2,
+    res = run_eval(tiny_lm, items, EvalSettings(methods=["streaming"], budgets=[0.5], chunk_size=64, max_new_tokens=2),
                    on_step=lambda d, t, label: steps.append(t))
     assert steps[-1] == 2 and len(res.rows) == 4  # 2 prefills (full, streaming), 2 questions each
     steps.clear()
-    run_eval(tiny_lm, items, methods=["snapkv"], budgets=[0.5], chunk_size=64, query_aware=True, max_new_tokens=2,
+    run_eval(tiny_lm, items, EvalSettings(methods=["snapkv"], budgets=[0.5], chunk_size=64, query_aware=True,
+                                          max_new_tokens=2),
              on_step=lambda d, t, label: steps.append(t))
     assert steps[-1] == 4  # query-aware: one prefill per question
 
@@ -152,18 +155,18 @@ def test_validation_errors():
         runner.validate_methods(["h2o", "kvmerger"], ["0.5"], {"threshold": 0.8})
     _, _, per = runner.validate_methods(["h2o", "kvmerger"], ["0.5"], {"kvmerger.threshold": 0.8, "n_sink": 2})
     assert per == {"h2o": {"n_sink": 2}, "kvmerger": {"threshold": 0.8, "n_sink": 2}}
-    assert runner.parse_lengths("2K,4096") == [2048, 4096]
+    assert cli_eval.parse_lengths("2K,4096") == [2048, 4096]
     with pytest.raises(KvcliError):
-        runner.parse_lengths("2x")
+        cli_eval.parse_lengths("2x")
     with pytest.raises(KvcliError, match="unknown task kind"):
-        runner.parse_kinds("niah_single,nope")
+        cli_eval.parse_kinds("niah_single,nope")
 
 
 def test_plots(tmp_path):
     pytest.importorskip("matplotlib")
-    rows = [{"kind": "niah_single", "length": n, "depth": d, "sample": 0, "method": m, "budget": b,
-             "score": 1.0 if m == "full" or d < 0.5 else 0.0, "logprob": -1.0, "logprob_delta": 0.0,
-             "kv_ratio": float(b), "prefill_seconds": 1.0}
+    rows = [EvalRow(kind="niah_single", length=n, depth=d, sample=0, method=m, budget=b,
+                    score=1.0 if m == "full" or d < 0.5 else 0.0, logprob=-1.0, logprob_delta=0.0,
+                    kv_ratio=float(b), prefill_seconds=1.0)
             for m, b in (("full", "1"), ("h2o", "0.5"), ("h2o", "0.35"))
             for n in (1024, 2048) for d in (0.1, 0.9)]
     paths = write_plots(rows, tmp_path / "plots")
@@ -174,7 +177,7 @@ def test_plots(tmp_path):
 
 
 def _kvcli_in_process(monkeypatch, capsys, *args) -> tuple[int, str, str]:
-    from kvcli.cli import main
+    from kvcli.cli.app import main
 
     monkeypatch.setattr(sys, "argv", ["kvcli", "eval", *args])
     with pytest.raises(SystemExit) as exc:
@@ -226,10 +229,10 @@ def test_embedded_full_cache_finds_single_needles():
     lm = api.load_model(quiet=True)
     tasks = [generate_task("niah_single", lm.tokenizer, n, seed=s, depth=d)
              for n, s, d in ((1024, 1, 0.1), (1536, 2, 0.4), (2048, 3, 0.7), (1024, 4, 0.95))]
-    res = run_eval(lm, runner.items_from_tasks(tasks), methods=[])
-    scores = [r["score"] for r in res.rows]
+    res = run_eval(lm, runner.items_from_tasks(tasks), EvalSettings(methods=[]))
+    scores = [r.score for r in res.rows]
     assert len(scores) == 4
-    assert sum(scores) / len(scores) >= 0.75, [(r["depth"], r["answers"], r["prediction"]) for r in res.rows]
+    assert sum(scores) / len(scores) >= 0.75, [(r.depth, r.answers, r.prediction) for r in res.rows]
 
 
 def test_item_reference():

@@ -10,7 +10,7 @@ from collections import Counter
 
 import pytest
 
-from kvcli.errors import KvcliError
+from kvcli.core.errors import KvcliError
 from kvcli.eval.fillers import STYLES, filler_sentences
 from kvcli.eval.scoring import contains_answer, load_questions, score, score_answers
 from kvcli.eval.tasks import KINDS, NEEDLE, Task, generate_suite, generate_task

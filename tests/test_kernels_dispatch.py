@@ -13,9 +13,10 @@ import sys
 import pytest
 import torch
 
-from kvcli import backends, flash
-from kvcli.attention import allowed_mask, attend
-from kvcli.errors import KvcliError
+from kvcli.attention import backends, flash
+from kvcli.cli.options import error_line
+from kvcli.attention.reference import allowed_mask, attend
+from kvcli.core.errors import KvcliError
 
 # ---------------------------------------------------------------------------------------- helpers
 
@@ -35,9 +36,10 @@ def machine(monkeypatch):
 
 
 def one_line_error(name, device="auto", *needles):
+    """The line the command line prints (the library names ``backend``; the CLI says ``--attn``)."""
     with pytest.raises(KvcliError) as info:
         backends.resolve_backend(name, device)
-    text = str(info.value)
+    text = error_line(info.value)
     assert text and "\n" not in text, text
     for needle in needles:
         assert needle.lower() in text.lower(), text
@@ -89,7 +91,7 @@ def test_kernel_dispatch_triton_explicit(machine):
     machine(cuda=False, triton=True)
     one_line_error("triton", "auto", "--attn triton", "cuda", "sdpa")
     machine(cuda=True, triton=True)
-    one_line_error("triton", "cpu", "--attn triton", "--device cpu")
+    one_line_error("triton", "cpu", "--attn triton", "device is cpu")
     machine(cuda=True, triton=False)
     one_line_error("triton", "auto", "triton", "not installed")
 
@@ -108,7 +110,7 @@ def test_kernel_dispatch_flash_explicit(machine):
     machine(cuda=False, flash=True)
     one_line_error("flash", "auto", "--attn flash", "cuda")
     machine(cuda=True, flash=True, triton=True, interpret=True)
-    one_line_error("flash", "cpu", "--attn flash", "--device cpu")
+    one_line_error("flash", "cpu", "--attn flash", "device is cpu")
     machine(cuda=True, flash=None)
     one_line_error("flash", "auto", "--attn flash", "not installed")
     machine(cuda=True, flash="flash-attn 2 needs an Ampere or newer GPU (compute capability >= 8.0); this one is 7.5")
@@ -156,9 +158,9 @@ def test_kernel_dispatch_get_backend():
 
 def test_kernel_dispatch_engine_resolves_and_splits_pod_keys(machine):
     from conftest import tiny_llama
-    from kvcli.budget import Budget
+    from kvcli.core.budget import Budget
     from kvcli.cache import SharedKeyLayer
-    from kvcli.engine import Engine
+    from kvcli.engine.engine import Engine
     from kvcli.methods import make_method
 
     model = tiny_llama(layers=2)

@@ -15,10 +15,11 @@ import pytest
 import torch
 
 from conftest import sharpen, tiny_gemma3, tiny_llama
-from kvcli import api, backends
-from kvcli.budget import Budget
+from kvcli import api
+from kvcli.attention import backends
+from kvcli.core.budget import Budget
 from kvcli.cache import SharedKeyLayer
-from kvcli.engine import Engine
+from kvcli.engine.engine import Engine
 from kvcli.methods import make_method
 from kvcli_kernels import triton_available
 

@@ -5,15 +5,15 @@ import math
 import pytest
 import torch
 
-from kvcli.cache import GrowingLayer, _Clock
-from kvcli.errors import KvcliError
+from kvcli.cache import Clock, GrowingLayer
+from kvcli.core.errors import KvcliError
 from kvcli.methods import make_method
 
 
 def make_layer(keys: torch.Tensor, values: torch.Tensor | None = None, scores=None) -> GrowingLayer:
     """A growing layer holding ``keys`` [H, n, D] at positions 0..n-1."""
     h, n, d = keys.shape
-    clock = _Clock()
+    clock = Clock()
     clock.positions = torch.arange(n)
     layer = GrowingLayer(clock, 0)
     layer.track_scores = True

@@ -10,12 +10,12 @@ import torch
 from transformers import AttentionInterface
 
 from kvcli import api
-from kvcli.attention import ATTN_NAME, kvcli_attention
-from kvcli.budget import Budget
+from kvcli.attention.function import ATTN_NAME, kvcli_attention
+from kvcli.core.budget import Budget
 from kvcli.cache import GrowingLayer, SharedKeyLayer, WindowLayer
-from kvcli.engine import Engine
-from kvcli.errors import KvcliError
-from kvcli.estimate import estimate_kv_bytes
+from kvcli.engine.engine import Engine
+from kvcli.core.errors import KvcliError
+from kvcli.profile.estimate import estimate_kv_bytes
 from kvcli.methods import make_method
 from kvcli_kernels import pod_attention
 from conftest import IdTokenizer, sharpen, tiny_gemma3, tiny_llama
@@ -263,13 +263,13 @@ def test_members_hold_no_distant_keys(models, shape, method):
                 held, used = v.untyped_storage().nbytes(), v.numel() * v.element_size()
                 assert held == used, f"layer {layer.layer_idx} {name}: storage {held} bytes for {used}"
     rep = ctx.report()
-    assert rep["kv_bytes"] == cache.nbytes() == tensor_bytes(cache) == sum(rep["kv_bytes_all_layers"])
+    assert rep.kv_bytes == cache.nbytes() == tensor_bytes(cache) == sum(rep.kv_bytes_all_layers)
     # the same run with every layer its own anchor holds exactly the members' distant keys more
     alone = prefill(model, doc_ids(), method, budget="0.5", options=dict(SMALL, block_size=1))
-    assert alone.report()["kv_bytes"] - rep["kv_bytes"] == distant > 0
+    assert alone.report().kv_bytes - rep.kv_bytes == distant > 0
     if method == "pod":
-        assert rep["kv_bytes_full"] - rep["kv_bytes"] == distant
-        assert alone.report()["kv_bytes"] == rep["kv_bytes_full"]
+        assert rep.kv_bytes_full - rep.kv_bytes == distant
+        assert alone.report().kv_bytes == rep.kv_bytes_full
 
 
 @pytest.mark.parametrize("shape", list(MODELS))
@@ -285,17 +285,17 @@ def test_estimate_equals_measured_bytes_beyond_the_proximal_window(models, shape
     rep, stats = ctx.report(), ctx.engine.stats
     est = estimate_kv_bytes(models[shape].config, DOC, method, budget, "float32", chunk_size=CHUNK,
                             method_options=options)
-    assert est["kv_bytes"] == rep["kv_bytes"] == tensor_bytes(ctx.engine.cache)
-    assert est["kv_bytes_all_layers"] == rep["kv_bytes_all_layers"]
-    assert est["kept_tokens"] == rep["kept_tokens"] and est["kv_bytes_full"] == rep["kv_bytes_full"]
-    assert est["peak_prefill_kv_bytes"] == stats.max_cache_bytes and est["trace"] == stats.trace
-    assert est["method_options"]["blocks"] == rep["method_options"]["blocks"]
-    for row, layer in zip(est["per_layer"], ctx.engine.cache.layers):
+    assert est.kv_bytes == rep.kv_bytes == tensor_bytes(ctx.engine.cache)
+    assert est.kv_bytes_all_layers == rep.kv_bytes_all_layers
+    assert est.kept_tokens == rep.kept_tokens and est.kv_bytes_full == rep.kv_bytes_full
+    assert est.peak_prefill_kv_bytes == stats.max_cache_bytes and est.trace == stats.trace
+    assert est.method_options["blocks"] == rep.method_options["blocks"]
+    for row, layer in zip(est.per_layer, ctx.engine.cache.layers):
         if isinstance(layer, SharedKeyLayer):
-            assert row["keys"] == tensor_bytes_of(layer.head_keys, layer.tail_keys)
-            assert row["values"] == tensor_bytes_of(layer.values)
+            assert row.keys == tensor_bytes_of(layer.head_keys, layer.tail_keys)
+            assert row.values == tensor_bytes_of(layer.values)
     if method == "pod":
-        assert est["budget"] == "1"  # the budget does not apply to plain pod, as in the engine
+        assert est.budget == "1"  # the budget does not apply to plain pod, as in the engine
 
 
 def tensor_bytes_of(*ts) -> int:

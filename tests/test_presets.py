@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from kvcli import presets
-from kvcli.cli import app
-from kvcli.errors import KvcliError
+from kvcli.api import settings as presets
+from kvcli.cli.app import app
+from kvcli.core.errors import KvcliError
 from kvcli.methods import REGISTRY, method_names
 
 runner = CliRunner()
@@ -48,7 +48,7 @@ def test_explicit_flags_override_a_preset(tmp_path):
     path = write(tmp_path, "description: mine\nmethod: kvmerger\nbudget: 0.4\nchunk_size: 128\noptions: {threshold: 0.8}\n")
     s = presets.resolve_settings(preset=str(path))
     assert (s.method, str(s.budget), s.chunk_size, s.options) == ("kvmerger", "0.4", 128, {"threshold": 0.8})
-    s = presets.resolve_settings(preset=str(path), options=["threshold=0.9"], budget="300")
+    s = presets.resolve_settings(preset=str(path), options={"threshold": 0.9}, budget="300")
     assert s.options == {"threshold": 0.9} and str(s.budget) == "300"
     s = presets.resolve_settings(preset=str(path), method="h2o")
     assert s.method == "h2o" and s.options == {}  # the preset's options belong to its own method

@@ -8,10 +8,11 @@ import transformers
 from typer.testing import CliRunner
 
 from kvcli import api
-from kvcli import profile as prof
-from kvcli.cli import app
-from kvcli.errors import KvcliError
-from kvcli.estimate import cache_shape, estimate_kv_bytes, load_config
+from kvcli.profile import profile as prof
+from kvcli.cli.app import app
+from kvcli.core.errors import KvcliError
+from kvcli.cache.sizing import cache_shape
+from kvcli.profile.estimate import estimate_kv_bytes, load_config
 from kvcli.methods import method_names
 from conftest import IdTokenizer, tiny_gemma3, tiny_llama
 
@@ -46,16 +47,16 @@ def test_profile_kv_bytes_are_the_cache_tensors(models, method):
     lm = models["gemma3"]
     m = prof.measure(lm, doc_ids(), method, "0.5", chunk_size=CHUNK, raw=True, decode_tokens=3, keep_context=True)
     row, cache = m.row, m.context.engine.cache
-    assert row["status"] == "ok"
-    assert row["kv_bytes"] == tensor_bytes(cache) == sum(row["kv_bytes_all_layers"])  # decoding left no trace
-    assert row["trace"][-1]["kv_bytes"] == row["kv_bytes"] and row["trace"][-1]["tokens"] == DOC_LEN
-    assert len(row["trace"]) == 7 and all(t["rss_bytes"] > 0 for t in row["trace"])
-    assert row["tokens"] == DOC_LEN and row["decode_tokens"] == 3
-    assert row["ttft_seconds"] > 0 and row["prefill_tokens_per_second"] > 0 and row["decode_tokens_per_second"] > 0
-    assert row["peak_rss_bytes"] >= row["rss_baseline_bytes"] > 0
-    assert row["cuda_peak_bytes"] is None  # CPU
+    assert row.status == "ok"
+    assert row.kv_bytes == tensor_bytes(cache) == sum(row.kv_bytes_all_layers)  # decoding left no trace
+    assert row.trace[-1]["kv_bytes"] == row.kv_bytes and row.trace[-1]["tokens"] == DOC_LEN
+    assert len(row.trace) == 7 and all(t["rss_bytes"] > 0 for t in row.trace)
+    assert row.tokens == DOC_LEN and row.decode_tokens == 3
+    assert row.ttft_seconds > 0 and row.prefill_tokens_per_second > 0 and row.decode_tokens_per_second > 0
+    assert row.peak_rss_bytes >= row.rss_baseline_bytes > 0
+    assert row.cuda_peak_bytes is None  # CPU
     if method != "full" and not method.startswith("pod"):  # PoD keeps all of a doc shorter than n_r_min
-        assert row["kv_bytes"] < row["kv_bytes_full"]
+        assert row.kv_bytes < row.kv_bytes_full
 
 
 # ---- the estimate mirrors the cache ------------------------------------------------------------------
@@ -67,13 +68,13 @@ def test_estimate_equals_measured_bytes(models, shape, method, budget):
     ctx = api.prefill(lm, doc_ids(), method=method, budget=budget, chunk_size=CHUNK, raw=True)
     rep, stats = ctx.report(), ctx.engine.stats
     est = estimate_kv_bytes(lm.model.config, DOC_LEN, method, budget, lm.dtype, chunk_size=CHUNK)
-    assert est["kv_bytes"] == rep["kv_bytes"] == tensor_bytes(ctx.engine.cache)
-    assert est["kv_bytes_all_layers"] == rep["kv_bytes_all_layers"]
-    assert est["kv_bytes_full"] == rep["kv_bytes_full"]
-    assert (est["kept_tokens"], est["compressed_layers"]) == (rep["kept_tokens"], rep["compressed_layers"])
-    assert est["peak_prefill_kv_bytes"] == stats.max_cache_bytes
-    assert est["trace"] == stats.trace
-    assert sum(l["bytes"] for l in est["per_layer"]) == est["kv_bytes"]
+    assert est.kv_bytes == rep.kv_bytes == tensor_bytes(ctx.engine.cache)
+    assert est.kv_bytes_all_layers == rep.kv_bytes_all_layers
+    assert est.kv_bytes_full == rep.kv_bytes_full
+    assert (est.kept_tokens, est.compressed_layers) == (rep.kept_tokens, rep.compressed_layers)
+    assert est.peak_prefill_kv_bytes == stats.max_cache_bytes
+    assert est.trace == stats.trace
+    assert sum(layer.bytes for layer in est.per_layer) == est.kv_bytes
 
 
 def test_estimate_of_the_embedded_model_layout():
@@ -83,19 +84,19 @@ def test_estimate_of_the_embedded_model_layout():
            "layer_types": ["full_attention" if i % 6 == 5 else "sliding_attention" for i in range(18)]}
     full = estimate_kv_bytes(cfg, 8192, "full", 1.0, "float32")
     entry = 2 * 256 * 4
-    assert full["kv_bytes"] == 3 * 8192 * entry + 15 * 511 * entry == full["kv_bytes_full"]
-    assert full["compressed_layers"] == [5, 11, 17]
+    assert full.kv_bytes == 3 * 8192 * entry + 15 * 511 * entry == full.kv_bytes_full
+    assert full.compressed_layers == [5, 11, 17]
     half = estimate_kv_bytes(cfg, 8192, "streaming", 0.5, "bfloat16")
     # streaming materialises positions (int64) once it has compressed; no statistics
-    assert half["kv_bytes"] == 3 * 4096 * (2 * 256 * 2 + 8) + 15 * 511 * 2 * 256 * 2
+    assert half.kv_bytes == 3 * 4096 * (2 * 256 * 2 + 8) + 15 * 511 * 2 * 256 * 2
     # the peak is at the last chunk boundary, before compression: half of 7680 plus a chunk
-    assert half["peak_prefill_kv_bytes"] == half["kv_bytes"] + 3 * (3840 + 512 - 4096) * (2 * 256 * 2 + 8)
+    assert half.peak_prefill_kv_bytes == half.kv_bytes + 3 * (3840 + 512 - 4096) * (2 * 256 * 2 + 8)
     merged = estimate_kv_bytes(cfg, 8192, "kvmerger", 0.5, "float32")
     # + positions int64, counts, scores and obs float32 per entry
-    assert merged["kv_bytes"] == 3 * 4096 * (entry + 8 + 3 * 4) + 15 * 511 * entry
+    assert merged.kv_bytes == 3 * 4096 * (entry + 8 + 3 * 4) + 15 * 511 * entry
     # a raw config.json dict and transformers' config class agree
     assert estimate_kv_bytes(transformers.Gemma3TextConfig(**{k: v for k, v in cfg.items() if k != "model_type"}),
-                             8192, "kvmerger", 0.5, "float32")["kv_bytes"] == merged["kv_bytes"]
+                             8192, "kvmerger", 0.5, "float32").kv_bytes == merged.kv_bytes
 
 
 def test_estimate_rejects_bad_input(tmp_path):
@@ -131,7 +132,7 @@ def test_cli_estimate_from_config_json(tmp_path):
     for r in rows:
         assert r["estimate"] is True and r["context_tokens"] == 1000
         expect = estimate_kv_bytes(cfg, 1000, r["method"], "1" if r["method"] == "full" else "0.35", "float32")
-        assert r["kv_bytes"] == expect["kv_bytes"]
+        assert r["kv_bytes"] == expect.kv_bytes
     assert rows[1]["kv_bytes"] < rows[0]["kv_bytes"]
     # the model directory works too, and the text output says it is an estimate, per layer on request
     result = runner.invoke(app, ["profile", "--model", str(tmp_path), "--context", "1000", "--budget", "0.35",
@@ -208,13 +209,13 @@ def test_cli_profile_measures_each_method(tiny_model_dir, tmp_path):
 
 
 def test_ctrl_c_prints_what_was_measured_and_exits_130(tiny_model_dir, monkeypatch):
-    from kvcli import cli_profile
+    from kvcli.cli import profile as cli_profile
 
     def interrupt(self, event, method, data):
         if event == "chunk" and method == "streaming" and data[0] >= 64:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli_profile._Progress, "__call__", interrupt)
+    monkeypatch.setattr(cli_profile.ProfileProgress, "__call__", interrupt)
     result = runner.invoke(app, ["profile", "--model", str(tiny_model_dir), "--doc", str(tiny_model_dir / "doc.txt"),
                                  "--methods", "full,streaming,h2o", "--chunk-size", "32", "--decode-tokens", "2",
                                  "--no-isolate", "--json"])
@@ -232,9 +233,9 @@ def test_isolated_child_process_reports_a_row(tiny_model_dir):
     events = []
     result = prof.run_profile(spec, isolate=True, on_event=lambda e, m, d: events.append(e))
     (row,) = result.rows
-    assert not result.interrupted and row["status"] == "ok", row
-    assert row["rss_method"] in ("vmhwm", "sampled") and row["peak_rss_bytes"] >= row["rss_baseline_bytes"]
-    assert row["kv_bytes"] < row["kv_bytes_full"] and row["decode_tokens"] == 2
+    assert not result.interrupted and row.status == "ok", row
+    assert row.rss_method in ("vmhwm", "sampled") and row.peak_rss_bytes >= row.rss_baseline_bytes
+    assert row.kv_bytes < row.kv_bytes_full and row.decode_tokens == 2
     assert events[:2] == ["start", "loaded"] and "chunk" in events and events[-1] == "done"
 
 
@@ -246,9 +247,9 @@ def test_profile_embedded_model_small():
     full, streaming = json.loads(result.stdout)
     assert full["kv_bytes"] == full["kv_bytes_full"]
     assert streaming["kv_bytes"] < full["kv_bytes"]
-    from kvcli.models import embedded_model_dir
+    from kvcli.engine.models import embedded_model_dir
 
     cfg = load_config(embedded_model_dir())
     est = estimate_kv_bytes(cfg, streaming["tokens"], "streaming", "0.5", "float32")
-    assert est["kv_bytes"] == streaming["kv_bytes"]
+    assert est.kv_bytes == streaming["kv_bytes"]
     assert cache_shape(cfg, "float32").growing_indices == streaming["compressed_layers"]

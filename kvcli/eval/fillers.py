@@ -18,7 +18,7 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator
 
-from kvcli.errors import KvcliError
+from ..core.errors import KvcliError
 
 STYLES = ("prose", "report", "noise")
 

@@ -12,19 +12,17 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
-from kvcli.budget import Budget, parse_budget
-from kvcli.errors import KvcliError
-from kvcli.eval.scoring import load_questions, score_answers
-from kvcli.eval.tasks import KINDS, Task, generate_suite
-from kvcli.methods import make_method
-
-FULL = "full"
-FULL_BUDGET = parse_budget(1.0)
-
-#: Columns of a result row, in CSV order.
-COLUMNS = ("kind", "length", "depth", "sample", "method", "budget", "score", "logprob", "logprob_delta",
-           "kv_ratio", "prefill_seconds", "seed", "question", "answers", "prediction")
+from ..api import LoadedModel, prefill
+from ..core import defaults
+from ..core.budget import FULL as FULL_BUDGET
+from ..core.budget import Budget, parse_budget
+from ..core.errors import KvcliError
+from ..methods import make_method, split_options
+from .rows import FULL, EvalResult, EvalRow
+from .scoring import load_questions, score_answers
+from .tasks import KINDS, MIN_LENGTH, Task, generate_suite
 
 
 @dataclass
@@ -47,17 +45,6 @@ class EvalItem:
         """The answer whose likelihood is measured: all answers joined when all are wanted,
         the first one when any will do (the others are alternatives, not a list)."""
         return ", ".join(self.answers) if self.metric == "all" else self.answers[0]
-
-
-@dataclass
-class EvalResult:
-    rows: list[dict]
-    config: dict = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        from kvcli.eval.report import summarize
-
-        return {"config": self.config, "summary": summarize(self.rows), "rows": self.rows}
 
 
 # ------------------------------------------------------------------ building items
@@ -91,72 +78,57 @@ def question_items(text: str, questions: list[dict] | str, tokenizer) -> list[Ev
                      sample=i) for i, q in enumerate(questions)]
 
 
-# ------------------------------------------------------------------ options
-def parse_list(value: str | Sequence[str] | None, what: str) -> list[str]:
-    if value is None:
-        return []
-    parts = value.split(",") if isinstance(value, str) else [p for v in value for p in str(v).split(",")]
-    out = [p.strip() for p in parts if p.strip()]
-    if not out and isinstance(value, str):
-        raise KvcliError(f"--{what}: empty list")
-    return out
+# ------------------------------------------------------------------ what to run
+@dataclass
+class SyntheticTasks:
+    """Which synthetic tasks: ``samples`` per (kind, length) from one ``seed``; niah_single
+    cycles through ``depths``."""
+
+    kinds: list[str] = field(default_factory=lambda: list(KINDS))
+    lengths: list[int] = field(default_factory=lambda: [int(defaults.EVAL_LENGTHS)])
+    samples: int = defaults.EVAL_SAMPLES
+    seed: int = 0
+    depths: list[float] = field(default_factory=lambda: list(defaults.EVAL_DEPTHS))
+
+    def check(self, max_positions: int = 0) -> None:
+        """One-line errors for what cannot be generated (or does not fit ``max_positions``)."""
+        for k in self.kinds:
+            if k not in KINDS:
+                raise KvcliError(f"unknown task kind {k!r} (choose from {', '.join(KINDS)}, or all)")
+        if self.samples < 1:
+            raise KvcliError(f"samples {self.samples} is invalid: it must be at least 1", option="samples")
+        for kind in self.kinds:
+            for n in self.lengths:
+                if n < MIN_LENGTH[kind]:
+                    raise KvcliError(f"length {n} is too small for task {kind}: minimum is {MIN_LENGTH[kind]} tokens")
+        longest = max(self.lengths, default=0)
+        if max_positions and longest + defaults.QUESTION_RESERVE > max_positions:
+            raise KvcliError(f"lengths: {longest} tokens is too long for this model ({max_positions} positions, "
+                             f"{defaults.QUESTION_RESERVE} reserved for the question and answer)", option="lengths")
+
+    def items(self, tokenizer: Any) -> list[EvalItem]:
+        return synthetic_items(tokenizer, self.kinds, self.lengths, self.samples, self.seed, self.depths)
+
+    def config(self) -> dict:
+        return {"kinds": self.kinds, "lengths": self.lengths, "samples": self.samples, "seed": self.seed,
+                "depths": self.depths}
 
 
-def parse_lengths(value: str | Sequence) -> list[int]:
-    """``2048,4K,16k`` -> token counts (K = 1024)."""
-    out = []
-    for p in parse_list(value if isinstance(value, str) else [str(v) for v in value], "lengths"):
-        text = p.lower()
-        mult = 1024 if text.endswith("k") else 1
-        try:
-            n = int(text[:-1] if mult > 1 else text) * mult
-        except ValueError:
-            raise KvcliError(f"invalid length {p!r}: give token counts like 2048 or 4K") from None
-        if n < 1:
-            raise KvcliError(f"invalid length {p!r}: it must be positive")
-        out.append(n)
-    return out
+@dataclass
+class EvalSettings:
+    """How to evaluate: the methods and budgets compared with the full cache, and how each prefill runs.
 
+    ``method_options``: ``KEY`` / ``METHOD.KEY`` entries (see ``split_options``).
+    ``max_new_tokens`` overrides ``max_new_tokens_for``."""
 
-def parse_depths(value: str | Sequence | None) -> list[float] | None:
-    if value is None:
-        return None
-    out = []
-    for p in parse_list(value if isinstance(value, str) else [str(v) for v in value], "depths"):
-        try:
-            d = float(p)
-        except ValueError:
-            raise KvcliError(f"invalid depth {p!r}: give fractions in [0, 1]") from None
-        if not 0.0 <= d <= 1.0:
-            raise KvcliError(f"invalid depth {p!r}: it must be in [0, 1]")
-        out.append(d)
-    return out
-
-
-def parse_kinds(value: str | Sequence[str] | None) -> list[str]:
-    kinds = parse_list(value, "tasks") if value is not None else list(KINDS)
-    if value is not None and any(k == "all" for k in kinds):
-        return list(KINDS)
-    for k in kinds:
-        if k not in KINDS:
-            raise KvcliError(f"unknown task kind {k!r} (choose from {', '.join(KINDS)}, or all)")
-    return list(dict.fromkeys(kinds))
-
-
-def split_options(options: dict, methods: Sequence[str]) -> dict[str, dict]:
-    """Method options per method.  ``method.key`` applies to that method only; a plain
-    ``key`` applies to every compressing method of the run (each must accept it)."""
-    per: dict[str, dict] = {m: {} for m in methods}
-    for key, value in options.items():
-        scope, _, name = key.rpartition(".")
-        if scope:
-            if scope not in per:
-                raise KvcliError(f"--option {key}: method {scope!r} is not in this run ({', '.join(methods) or 'none'})")
-            per[scope][name] = value
-        else:
-            for m in methods:
-                per[m].setdefault(key, value)
-    return per
+    methods: Sequence[str] = ()
+    budgets: Sequence[str | float | Budget] = (0.5,)
+    chunk_size: int = defaults.CHUNK_SIZE
+    query_aware: bool = False
+    method_options: dict = field(default_factory=dict)
+    backend: str = "sdpa"
+    truncate: bool = False
+    max_new_tokens: int | None = None
 
 
 def validate_methods(methods: Sequence[str], budgets: Sequence[str | float | Budget],
@@ -168,14 +140,14 @@ def validate_methods(methods: Sequence[str], budgets: Sequence[str | float | Bud
     parsed = [b if isinstance(b, Budget) else parse_budget(b) for b in budgets]
     parsed = list(dict.fromkeys(parsed))
     if methods and not parsed:
-        raise KvcliError("--budgets: give at least one budget")
+        raise KvcliError("budgets: give at least one budget", option="budgets")
     per = split_options(options or {}, methods)
     unscoped = any("." not in k for k in (options or {}))
     for m in methods:
         try:
             make_method(m, **per[m])
         except KvcliError as exc:
-            hint = (" (give an option to one method only with --option METHOD.KEY=VALUE)"
+            hint = (" (give an option to one method only as METHOD.KEY=VALUE)"
                     if unscoped and "option" in str(exc) else "")
             raise KvcliError(f"{exc}{hint}") from None
     return methods, parsed, per
@@ -197,38 +169,25 @@ def _groups(items: Sequence[EvalItem], query_aware: bool) -> list[list[EvalItem]
     return list(groups.values())
 
 
-def run_eval(
-    lm,
-    items: Sequence[EvalItem],
-    methods: Sequence[str] = (),
-    budgets: Sequence[str | float | Budget] = (0.5,),
-    chunk_size: int = 512,
-    query_aware: bool = False,
-    method_options: dict | None = None,
-    backend: str = "sdpa",
-    truncate: bool = False,
-    max_new_tokens: int | None = None,
-    on_step: Callable[[int, int, str], None] | None = None,
-    config: dict | None = None,
-) -> EvalResult:
-    """Evaluate ``items`` with the full cache and every ``method`` x ``budget``.
+def run_eval(lm: LoadedModel, items: Sequence[EvalItem], settings: EvalSettings | None = None,
+             on_step: Callable[[int, int, str], None] | None = None, config: dict | None = None) -> EvalResult:
+    """Evaluate ``items`` with the full cache and every method x budget of ``settings``.
 
-    Returns one row per (item, run) with the columns in ``COLUMNS``.  ``method_options``:
-    see ``split_options``.  ``max_new_tokens`` overrides ``max_new_tokens_for``.  ``on_step(done, total, label)`` is called before each prefill
-    (``done`` counts finished prefills) and once at the end.
+    Returns one row per (item, run).  ``on_step(done, total, label)`` is called before each
+    prefill (``done`` counts finished prefills) and once at the end.  ``config`` is added to
+    the result's settings (what the caller wants written with the results).
     """
-    from kvcli import api
-
+    settings = settings or EvalSettings()
     if not items:
         raise KvcliError("nothing to evaluate: no tasks or questions")
-    methods, budgets, per = validate_methods(methods, budgets, method_options)
+    methods, budgets, per = validate_methods(settings.methods, settings.budgets, settings.method_options)
     runs: list[tuple[str, Budget]] = [(FULL, FULL_BUDGET)]
     for m in methods:  # plain PoD keeps every token: one run, whatever the budgets
         runs += [(m, FULL_BUDGET)] if not make_method(m, **per[m]).uses_budget else [(m, b) for b in budgets]
-    groups = _groups(items, query_aware)
+    groups = _groups(items, settings.query_aware)
     total = len(groups) * len(runs)
     tok = lm.tokenizer
-    rows: list[dict] = []
+    rows: list[EvalRow] = []
     done = 0
     for group in groups:
         reference: dict[int, float] = {}
@@ -237,36 +196,34 @@ def run_eval(
             if on_step is not None:
                 on_step(done, total, f"{first.kind} {first.length} {method}@{budget}")
             t0 = time.perf_counter()
-            ctx = api.prefill(lm, first.context, method=method, budget=budget, chunk_size=chunk_size,
-                              question=first.question if query_aware else None,
-                              method_options=per.get(method, {}), backend=backend, truncate=truncate)
+            ctx = prefill(lm, first.context, method=method, budget=budget, chunk_size=settings.chunk_size,
+                          question=first.question if settings.query_aware else None,
+                          method_options=per.get(method, {}), backend=settings.backend, truncate=settings.truncate)
             prefill_seconds = time.perf_counter() - t0
-            rep = ctx.report()
+            kv_ratio = ctx.report().kv_ratio
             for k, it in enumerate(group):
-                limit = max_new_tokens or max_new_tokens_for(it, tok)
+                limit = settings.max_new_tokens or max_new_tokens_for(it, tok)
                 ans = ctx.ask(it.question, max_new_tokens=limit, answer_prefix=it.answer_prefix)
                 logprob = ctx.answer_logprob(it.question, it.reference, answer_prefix=it.answer_prefix)
                 if method == FULL:
                     reference[k] = logprob
-                rows.append({
-                    "kind": it.kind, "length": it.length, "depth": it.depth, "sample": it.sample,
-                    "method": method, "budget": str(budget),
-                    "score": score_answers(it.answers, it.metric, ans.text),
-                    "logprob": logprob, "logprob_delta": logprob - reference[k],
-                    "kv_ratio": rep["kv_ratio"], "prefill_seconds": prefill_seconds,
-                    "seed": it.seed, "question": it.question, "answers": list(it.answers), "prediction": ans.text,
-                })
+                delta = logprob - reference[k]
+                rows.append(EvalRow(
+                    kind=it.kind, length=it.length, depth=it.depth, sample=it.sample, method=method,
+                    budget=str(budget), score=score_answers(it.answers, it.metric, ans.text),
+                    # JSON has no NaN/inf: an impossible answer (-inf) is reported as None
+                    logprob=logprob if math.isfinite(logprob) else None,
+                    logprob_delta=delta if math.isfinite(delta) else None,
+                    kv_ratio=kv_ratio, prefill_seconds=prefill_seconds, seed=it.seed, question=it.question,
+                    answers=list(it.answers), prediction=ans.text,
+                ))
             del ctx
             done += 1
     if on_step is not None:
         on_step(done, total, "done")
-    cfg = {"model": getattr(lm, "name", "custom"), "methods": [FULL] + methods, "budgets": [str(b) for b in budgets],
-           "chunk_size": chunk_size, "query_aware": query_aware,
+    cfg = {"model": getattr(lm, "name", "custom"), "methods": [FULL, *methods], "budgets": [str(b) for b in budgets],
+           "chunk_size": settings.chunk_size, "query_aware": settings.query_aware,
            "method_options": {m: o for m, o in per.items() if o}, "prefills": total, **(config or {})}
-    for r in rows:  # JSON has no NaN/inf: an impossible answer (-inf) is reported as None
-        for key in ("logprob", "logprob_delta"):
-            if not math.isfinite(r[key]):
-                r[key] = None
     return EvalResult(rows=rows, config=cfg)
 
 
@@ -275,6 +232,5 @@ def estimate_prefill_tokens(items: Sequence[EvalItem], n_runs: int, query_aware:
     return sum(g[0].length for g in _groups(items, query_aware)) * n_runs
 
 
-__all__ = ["EvalItem", "EvalResult", "COLUMNS", "run_eval", "items_from_tasks", "synthetic_items",
-           "question_items", "parse_lengths", "parse_kinds", "parse_depths", "parse_list", "validate_methods",
-           "split_options", "max_new_tokens_for", "estimate_prefill_tokens"]
+__all__ = ["EvalItem", "EvalSettings", "SyntheticTasks", "run_eval", "items_from_tasks", "synthetic_items",
+           "question_items", "validate_methods", "split_options", "max_new_tokens_for", "estimate_prefill_tokens"]

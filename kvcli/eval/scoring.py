@@ -6,8 +6,8 @@ import json
 import re
 from pathlib import Path
 
-from kvcli.errors import KvcliError
-from kvcli.eval.tasks import Task
+from ..core.errors import KvcliError
+from .tasks import Task
 
 METRICS = ("all", "any")
 

@@ -26,8 +26,8 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
-from kvcli.errors import KvcliError
-from kvcli.eval.fillers import PADS, STYLES, filler_sentences
+from ..core.errors import KvcliError
+from .fillers import PADS, STYLES, filler_sentences
 
 KINDS = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt", "fwe")
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from ..errors import KvcliError
+from collections.abc import Sequence
+
+from ..core.errors import KvcliError
 from .base import Method
 from .cam import CaM
 from .full import FullCache
@@ -40,3 +42,28 @@ def make_method(name: str, **options) -> Method:
         return cls(**options)
     except TypeError as exc:
         raise KvcliError(f"method {name}: {exc}") from None
+
+
+def describe_methods() -> list[tuple[str, str]]:
+    """``(name, description)`` of every method, composites last."""
+    out = [(name, cls.description) for name, cls in REGISTRY.items()]
+    out += [(name, f"PoD, with distant tokens compressed further by {name.split('+', 1)[1]} to the budget")
+            for name in COMPOSITES]
+    return out
+
+
+def split_options(options: dict, methods: Sequence[str]) -> dict[str, dict]:
+    """Method options per method.  ``method.key`` applies to that method only; a plain
+    ``key`` applies to every compressing method of the run (each must accept it)."""
+    per: dict[str, dict] = {m: {} for m in methods}
+    for key, value in options.items():
+        scope, _, name = key.rpartition(".")
+        if scope:
+            if scope not in per:
+                raise KvcliError(f"option {key}: method {scope!r} is not in this run ({', '.join(methods) or 'none'})",
+                                 option="option")
+            per[scope][name] = value
+        else:
+            for m in methods:
+                per[m].setdefault(key, value)
+    return per

@@ -11,7 +11,7 @@ from typing import ClassVar
 
 import torch
 
-from ..budget import Budget
+from ..core.budget import Budget
 from ..cache import GrowingLayer, KVCache
 
 

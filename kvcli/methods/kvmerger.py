@@ -35,8 +35,8 @@ from __future__ import annotations
 
 import torch
 
-from ..backends import adjacent_similarity, merge_sets
-from ..errors import KvcliError
+from ..attention.backends import adjacent_similarity, merge_sets
+from ..core.errors import KvcliError
 from .base import Method
 
 

@@ -34,15 +34,15 @@ from pathlib import Path
 
 import torch
 
-from ..cache import GrowingLayer, KVCache, SharedKeyLayer, _Clock
-from ..errors import KvcliError
+from ..cache import Clock, GrowingLayer, KVCache, SharedKeyLayer
+from ..cache.sizing import growing_layer
+from ..core.errors import KvcliError
+from ..core.fileio import cache_dir
 from .base import Method
 
 
 def calibration_path(config) -> Path:
     """Where ``kvcli calibrate`` stores the grouping profile for a model."""
-    from ..models import cache_dir
-
     name = str(getattr(config, "_name_or_path", "") or getattr(config, "model_type", "model"))
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name.strip("/"))[-120:] or "model"
     return cache_dir() / "calibration" / f"{safe}.json"
@@ -205,7 +205,7 @@ class PoD(Method):
         layers = [anchor, *members]
         h = anchor.values.shape[1]
         k = anchor.keys[:, :, sl]
-        temp = GrowingLayer(_Clock(), anchor.layer_idx)
+        temp = GrowingLayer(Clock(), anchor.layer_idx)
         temp.is_initialized = True
         temp.keys = torch.cat([k] * len(layers), dim=1)
         temp.values = torch.cat([l.values[:, :, sl] for l in layers], dim=1)
@@ -248,8 +248,6 @@ class PoD(Method):
         """The ``kvcli.estimate`` hook: per-layer bytes at ``step``, replaying ``compress`` on
         entry counts (called for every moment of one estimate, in order).  Anchors are growing
         layers; members hold values and metadata for every entry, keys for head + tail only."""
-        from ..estimate import growing_layer
-
         if step.seen == step.chunk and not step.compressed:  # first moment of this estimate
             self.blocks = self.choose_blocks(shape.growing_indices, shape.config)
             self._counts = _BlockCounts()

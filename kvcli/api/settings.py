@@ -1,32 +1,32 @@
 """Budget presets: named YAML files bundling a method, a budget and the method's options.
 
 Built-in presets live in the repository's top-level ``presets/`` folder, installed as the
-package ``kvcli_presets`` so a non-editable install finds them.  Explicit command-line
-flags override a preset's values.
+package ``kvcli_presets`` so a non-editable install finds them.  Explicit settings (the
+command line's flags) override a preset's values.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
 
 import yaml
 
-from .budget import Budget, parse_budget
-from .errors import KvcliError
+from ..core import defaults
+from ..core.budget import Budget, parse_budget
+from ..core.errors import KvcliError
+from ..engine.engine import check_chunk_size
+from ..methods import make_method, method_names
 
 KEYS = {"description", "method", "budget", "chunk_size", "options"}
-DEFAULT_METHOD = "full"
-DEFAULT_BUDGET = "1.0"
-DEFAULT_CHUNK = 512
 
 
 @dataclass
 class Settings:
-    method: str = DEFAULT_METHOD
-    budget: Budget = field(default_factory=lambda: parse_budget(DEFAULT_BUDGET))
-    chunk_size: int = DEFAULT_CHUNK
+    method: str = defaults.METHOD
+    budget: Budget = field(default_factory=lambda: parse_budget(defaults.BUDGET))
+    chunk_size: int = defaults.CHUNK_SIZE
     options: dict = field(default_factory=dict)
     preset: str | None = None
     description: str = ""
@@ -39,8 +39,6 @@ def builtin_presets() -> dict[str, Path]:
 
 def load_preset(ref: str) -> Settings:
     """A preset by built-in name or YAML path; errors name the file and the key."""
-    from .methods import make_method, method_names
-
     path = Path(ref)
     table = builtin_presets()
     if ref in table:
@@ -86,33 +84,61 @@ def load_preset(ref: str) -> Settings:
     return s
 
 
-def parse_options(pairs: list[str] | None) -> dict:
-    out = {}
-    for pair in pairs or []:
-        if "=" not in pair:
-            raise KvcliError(f"invalid --option {pair!r}: expected KEY=VALUE")
-        key, value = pair.split("=", 1)
-        try:
-            out[key.strip()] = yaml.safe_load(value)
-        except yaml.YAMLError:
-            raise KvcliError(f"invalid --option {pair!r}: cannot parse the value") from None
-    return out
-
-
-def resolve_settings(preset=None, method=None, budget=None, chunk_size=None, options=None) -> Settings:
-    """Preset values first, then explicit flags on top; validated before any model loads."""
-    from .methods import make_method
-
+def resolve_settings(preset: str | None = None, method: str | None = None, budget: str | float | Budget | None = None,
+                     chunk_size: int | None = None, options: dict | None = None) -> Settings:
+    """Preset values first, then explicit settings on top; validated before any model loads."""
     s = load_preset(preset) if preset else Settings()
     if method is not None and method != s.method:
         s.method = method
         s.options = {}  # a preset's options belong to its own method
     if budget is not None:
-        s.budget = parse_budget(budget)
+        s.budget = budget if isinstance(budget, Budget) else parse_budget(budget)
     if chunk_size is not None:
-        if chunk_size < 1:
-            raise KvcliError(f"invalid --chunk-size {chunk_size}: it must be a positive integer")
+        check_chunk_size(chunk_size)
         s.chunk_size = chunk_size
-    s.options.update(parse_options(options))
+    s.options.update(options or {})
     make_method(s.method, **s.options)  # unknown method or option: clear error now
     return s
+
+
+# ---- listing ----------------------------------------------------------------------------------------
+PRESET_ORDER = ("lossless", "balanced", "compact", "pod", "pod-compact", "streaming")
+
+
+@dataclass
+class PresetInfo:
+    """One built-in preset as ``kvcli presets`` lists it; ``available`` False says why in ``reason``."""
+
+    name: str
+    method: str
+    budget: str
+    chunk_size: int | None
+    options: dict
+    description: str
+    available: bool = True
+    reason: str = ""
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def list_presets() -> list[PresetInfo]:
+    """Every built-in preset; one that does not load (e.g. its method is not written yet) is listed as such."""
+    table = builtin_presets()
+    names = [n for n in PRESET_ORDER if n in table] + sorted(n for n in table if n not in PRESET_ORDER)
+    rows = []
+    for name in names:
+        try:
+            s = load_preset(name)
+            rows.append(PresetInfo(name, s.method, str(s.budget), s.chunk_size, s.options, s.description))
+        except KvcliError as exc:
+            try:
+                data = yaml.safe_load(table[name].read_text(encoding="utf-8"))
+            except (OSError, yaml.YAMLError):
+                data = None
+            data = data if isinstance(data, dict) else {}
+            reason = str(exc).split(": ", 1)[-1] if str(exc).startswith("preset ") else str(exc)
+            rows.append(PresetInfo(name, str(data.get("method", "?")), str(data.get("budget", "?")),
+                                   data.get("chunk_size"), data.get("options") or {},
+                                   str(data.get("description", "")), available=False, reason=reason))
+    return rows

@@ -1,8 +1,8 @@
-"""Attention backends behind one signature (see ``attention.attend``), and which runs where.
+"""Attention backends behind one signature (see ``reference.attend``), and which runs where.
 
-``--attn``:
+``backend`` (the CLI's ``--attn``):
 
-* ``sdpa``: the torch reference (``attention.attend``, torch's SDPA with kvcli's position
+* ``sdpa``: the torch reference (``reference.attend``, torch's SDPA with kvcli's position
   mask and count bias).  Runs everywhere; on CPU it is what ``auto`` picks, so CPU results
   do not depend on what is installed.
 * ``triton``: kvcli's Triton kernels (``kvcli_kernels``): attention over the compressed
@@ -31,10 +31,13 @@ import importlib.util
 import os
 from collections.abc import Iterator
 
+import kvcli_kernels
 import torch
 import torch.nn.functional as F
 
-from .errors import KvcliError
+from ..core.errors import KvcliError
+from . import flash
+from .reference import attend
 
 BACKENDS = ("auto", "sdpa", "flash", "triton")
 KERNEL_BACKENDS = ("triton", "flash")  # runs whose compression uses the Triton kernels
@@ -56,7 +59,7 @@ def triton_importable() -> bool:
     if importlib.util.find_spec("triton") is None:
         return False
     try:
-        import triton  # noqa: F401
+        import triton  # noqa: F401  # optional: probed, never required
     except Exception:
         return False
     return True
@@ -66,9 +69,7 @@ def flash_unavailable_reason() -> str | None:
     """None when flash-attn can run here, else why not."""
     if importlib.util.find_spec("flash_attn") is None:
         return "flash-attn is not installed (pip install 'kvcli[gpu]')"
-    from .flash import flash_unavailable_reason as why
-
-    return why()
+    return flash.flash_unavailable_reason()
 
 
 def kernels_usable(device: torch.device | str) -> bool:
@@ -77,14 +78,14 @@ def kernels_usable(device: torch.device | str) -> bool:
     return triton_importable() and (dev.type == "cuda" or interpret_mode())
 
 
-# ---- --attn -> backend name ------------------------------------------------------------------
+# ---- backend request -> backend name -----------------------------------------------------------
 
 
 def resolve_backend(name: str, device: str = "auto") -> str:
-    """The backend for ``--attn NAME`` on ``--device DEVICE`` (auto|cpu|cuda), or a
-    one-line ``KvcliError`` when it cannot run here."""
+    """The backend for the request ``name`` on ``device`` (auto|cpu|cuda), or a one-line
+    ``KvcliError`` (``option="backend"``) when it cannot run here."""
     if name not in BACKENDS:
-        raise KvcliError(f"invalid --attn {name!r}: use one of {', '.join(BACKENDS)}")
+        raise KvcliError(f"backend {name!r} is unknown: use one of {', '.join(BACKENDS)}", option="backend")
     cuda = device in ("auto", "cuda") and cuda_available()
     if name == "sdpa":
         return "sdpa"
@@ -96,20 +97,23 @@ def resolve_backend(name: str, device: str = "auto") -> str:
         return "triton" if triton_importable() else "sdpa"
     if name == "triton":
         if not triton_importable():
-            raise KvcliError("--attn triton: triton is not installed (pip install 'kvcli[gpu]'), use --attn sdpa or auto")
+            raise KvcliError("backend triton: triton is not installed (pip install 'kvcli[gpu]'); use sdpa or auto",
+                             option="backend")
         if not cuda and not interpret_mode():
-            where = "--device cpu was given" if device == "cpu" else "no CUDA GPU is available here"
-            raise KvcliError(f"--attn triton needs a CUDA GPU and {where} (use --attn sdpa or auto; "
-                             "TRITON_INTERPRET=1 runs the kernels on the CPU interpreter, for tests)")
+            raise KvcliError(f"backend triton needs a CUDA GPU and {_no_gpu(device)} (use sdpa or auto; "
+                             "TRITON_INTERPRET=1 runs the kernels on the CPU interpreter, for tests)", option="backend")
         return "triton"
     # flash
     if not cuda:
-        where = "--device cpu was given" if device == "cpu" else "no CUDA GPU is available here"
-        raise KvcliError(f"--attn flash needs a CUDA GPU and {where} (use --attn sdpa or auto)")
+        raise KvcliError(f"backend flash needs a CUDA GPU and {_no_gpu(device)} (use sdpa or auto)", option="backend")
     why = flash_unavailable_reason()
     if why is not None:
-        raise KvcliError(f"--attn flash: {why} (use --attn triton, sdpa or auto)")
+        raise KvcliError(f"backend flash: {why} (use triton, sdpa or auto)", option="backend")
     return "flash"
+
+
+def _no_gpu(device: str) -> str:
+    return "the device is cpu" if device == "cpu" else "no CUDA GPU is available here"
 
 
 def uses_pod_kernel(backend: str) -> bool:
@@ -118,13 +122,13 @@ def uses_pod_kernel(backend: str) -> bool:
     return backend == "triton"
 
 
-# ---- backend name -> attention callable (``attention.attend``'s signature) ---------------------
+# ---- backend name -> attention callable (``reference.attend``'s signature) ---------------------
 
 
 def triton_attend(query, key, value, q_pos, k_pos, bias, scaling, window):
-    """``attention.attend`` on the Triton kernel: kvcli's shapes to the kernel's
+    """``reference.attend`` on the Triton kernel: kvcli's shapes to the kernel's
     (``q_pos`` ``[Lq]`` -> ``[B, Lq]``; ``k_pos`` ``[B, 1|H, Lk]`` -> ``[B, Hkv, Lk]``; views)."""
-    from kvcli_kernels.triton_attention import attention_triton
+    from kvcli_kernels.triton_attention import attention_triton  # imports triton: only when it runs
 
     b, hkv = key.shape[0], key.shape[1]
     qp = q_pos.reshape(1, -1).expand(b, -1) if q_pos.dim() == 1 else q_pos
@@ -137,7 +141,7 @@ def triton_attend(query, key, value, q_pos, k_pos, bias, scaling, window):
 def triton_pod_attend(query, dist, prox, q_pos, scaling, window):
     """One softmax over distant keys (``dist``: keys, values, positions, bias, read in place
     from the anchor layer) and proximal ones (``prox``: the member's own), on the kernel."""
-    from kvcli_kernels.triton_pod import pod_attention_triton
+    from kvcli_kernels.triton_pod import pod_attention_triton  # imports triton: only when it runs
 
     kd, vd, pd, bd = dist
     kp, vp, pp, bp = prox
@@ -151,11 +155,8 @@ def triton_pod_attend(query, dist, prox, q_pos, scaling, window):
 
 
 def _flash_with_fallback(query, key, value, q_pos, k_pos, bias, scaling, window):
-    from .attention import attend
-    from .flash import flash_attend
-
     fallback = triton_attend if kernels_usable(query.device) else attend
-    return flash_attend(query, key, value, q_pos, k_pos, bias, scaling, window, fallback=fallback)
+    return flash.flash_attend(query, key, value, q_pos, k_pos, bias, scaling, window, fallback=fallback)
 
 
 def get_backend(name: str):
@@ -166,8 +167,6 @@ def get_backend(name: str):
         return _flash_with_fallback
     if name != "sdpa":
         raise ValueError(f"unresolved attention backend {name!r} (call resolve_backend first)")
-    from .attention import attend
-
     return attend
 
 
@@ -195,12 +194,10 @@ def compression_kernels(device: torch.device | str) -> bool:
 def merge_sets(keys, values, counts, set_ids, pivots, sigma, value_mode, count_weighted):
     """``kvcli_kernels.merge_sets`` (reference) or its Triton kernel, per ``active_backend``."""
     if compression_kernels(keys.device):
-        from kvcli_kernels.triton_merge import merge_sets_triton
+        from kvcli_kernels.triton_merge import merge_sets_triton  # imports triton: only when it runs
 
         return merge_sets_triton(keys, values, counts, set_ids, pivots, sigma, value_mode, count_weighted)
-    from kvcli_kernels import merge_sets as reference
-
-    return reference(keys, values, counts, set_ids, pivots, sigma, value_mode, count_weighted)
+    return kvcli_kernels.merge_sets(keys, values, counts, set_ids, pivots, sigma, value_mode, count_weighted)
 
 
 def adjacent_similarity(keys: torch.Tensor) -> torch.Tensor:
@@ -208,7 +205,7 @@ def adjacent_similarity(keys: torch.Tensor) -> torch.Tensor:
     ``[B, H, n-1]``: the Triton kernel per ``active_backend``, else torch."""
     b, h, n, d = keys.shape
     if n >= 2 and compression_kernels(keys.device):
-        from kvcli_kernels.triton_merge import adjacent_cosine_triton
+        from kvcli_kernels.triton_merge import adjacent_cosine_triton  # imports triton: only when it runs
 
         return adjacent_cosine_triton(keys.reshape(b * h, n, d)).view(b, h, n - 1)
     kf = keys.float()

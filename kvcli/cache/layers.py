@@ -1,4 +1,4 @@
-"""The KV cache kvcli owns: per-layer storage that physically shrinks.
+"""The cache layers kvcli owns: per-layer storage that physically shrinks.
 
 It plugs into transformers through the public ``Cache`` / ``CacheLayerMixin`` API, so any
 architecture transformers supports works unchanged.  Storage is per KV head (never
@@ -15,17 +15,15 @@ positions/biases and adds attention statistics; methods rewrite a layer only thr
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import CacheLayerMixin
 
 
-def _tensor_bytes(*tensors: torch.Tensor | None) -> int:
+def tensor_bytes(*tensors: torch.Tensor | None) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
-class _Clock:
+class Clock:
     """Shared by the layers of one cache: positions of the tokens now being forwarded."""
 
     def __init__(self) -> None:
@@ -46,7 +44,7 @@ class GrowingLayer(CacheLayerMixin):
     is_sliding = False
     is_compileable = False
 
-    def __init__(self, clock: _Clock, layer_idx: int) -> None:
+    def __init__(self, clock: Clock, layer_idx: int) -> None:
         super().__init__()
         self.clock = clock
         self.layer_idx = layer_idx
@@ -201,7 +199,7 @@ class GrowingLayer(CacheLayerMixin):
     def nbytes(self) -> int:
         if not self.is_initialized:
             return 0
-        return _tensor_bytes(self.keys, self.values, self.positions, self.counts, self.scores, self.obs)
+        return tensor_bytes(self.keys, self.values, self.positions, self.counts, self.scores, self.obs)
 
     # ---- checkpoints for answering several questions from one context --------------------
     def checkpoint(self) -> dict:
@@ -227,7 +225,7 @@ class SharedKeyLayer(GrowingLayer):
 
     split_keys = False
 
-    def __init__(self, clock: _Clock, layer_idx: int, anchor: GrowingLayer, n_head: int) -> None:
+    def __init__(self, clock: Clock, layer_idx: int, anchor: GrowingLayer, n_head: int) -> None:
         super().__init__(clock, layer_idx)
         self.anchor = anchor
         self.n_head_max = n_head
@@ -300,7 +298,7 @@ class SharedKeyLayer(GrowingLayer):
     def nbytes(self) -> int:
         if not self.is_initialized:
             return 0
-        return _tensor_bytes(self.head_keys, self.tail_keys, self.values, self.positions, self.counts,
+        return tensor_bytes(self.head_keys, self.tail_keys, self.values, self.positions, self.counts,
                              self.scores, self.obs)
 
     def checkpoint(self) -> dict:
@@ -322,7 +320,7 @@ class WindowLayer(CacheLayerMixin):
     is_sliding = True
     is_compileable = False
 
-    def __init__(self, clock: _Clock, layer_idx: int, sliding_window: int) -> None:
+    def __init__(self, clock: Clock, layer_idx: int, sliding_window: int) -> None:
         super().__init__()
         self.clock = clock
         self.layer_idx = layer_idx
@@ -379,7 +377,7 @@ class WindowLayer(CacheLayerMixin):
             self.keys, self.values = self.keys.clone(), self.values.clone()
 
     def nbytes(self) -> int:
-        return _tensor_bytes(self.keys, self.values) if self.is_initialized else 0
+        return tensor_bytes(self.keys, self.values) if self.is_initialized else 0
 
     def checkpoint(self) -> dict:
         return {"keys": self.keys, "values": self.values, "seen": self.seen}
@@ -388,96 +386,3 @@ class WindowLayer(CacheLayerMixin):
         # ``update`` never writes into the saved tensors (it concatenates), so keeping
         # references is a free snapshot.
         self.keys, self.values, self.seen = state["keys"], state["values"], state["seen"]
-
-
-@dataclass
-class CacheReport:
-    """Bytes held, counted from the tensors."""
-
-    kv_bytes: int
-    kv_bytes_full: int
-    per_layer: list[int]
-    kept_tokens: list[int]
-    compressed_layers: list[int]
-
-
-class KVCache(Cache):
-    """kvcli's cache: one layer object per model layer, chosen from the model config."""
-
-    def __init__(self, config) -> None:
-        config = config.get_text_config() if hasattr(config, "get_text_config") else config
-        self.clock = _Clock()
-        self.config_ref = config
-        n = config.num_hidden_layers
-        types = list(getattr(config, "layer_types", None) or ["full_attention"] * n)
-        window = getattr(config, "sliding_window", None)
-        layers: list[CacheLayerMixin] = []
-        for i, t in enumerate(types[:n]):
-            if t in ("sliding_attention", "chunked_attention") and window:
-                layers.append(WindowLayer(self.clock, i, window))
-            else:
-                layers.append(GrowingLayer(self.clock, i))
-        super().__init__(layers=layers)
-        self.seen = 0  # logical tokens processed
-        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        self.sliding_window = window
-
-    # ---- engine side ----------------------------------------------------------------------
-    def begin_forward(self, positions: torch.Tensor) -> None:
-        """Announce the logical positions ``[Lq]`` of the tokens about to be forwarded."""
-        self.clock.positions = positions
-
-    def end_forward(self, n_tokens: int) -> None:
-        self.seen += n_tokens
-
-    @property
-    def growing_layers(self) -> list[GrowingLayer]:
-        return [l for l in self.layers if isinstance(l, GrowingLayer)]
-
-    @property
-    def growing_indices(self) -> list[int]:
-        return [i for i, l in enumerate(self.layers) if isinstance(l, GrowingLayer)]
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.seen
-
-    def reserve(self, extra: int) -> None:
-        for layer in self.layers:
-            layer.reserve(extra)
-
-    def compact(self) -> None:
-        for layer in self.layers:
-            layer.compact()
-
-    def checkpoint(self) -> dict:
-        return {"seen": self.seen, "layers": [l.checkpoint() for l in self.layers]}
-
-    def rollback(self, state: dict) -> None:
-        self.seen = state["seen"]
-        for layer, s in zip(self.layers, state["layers"]):
-            layer.rollback(s)
-
-    # ---- accounting -------------------------------------------------------------------------
-    def nbytes(self) -> int:
-        return sum(l.nbytes() for l in self.layers)
-
-    def full_bytes(self, dtype: torch.dtype, batch: int = 1) -> int:
-        """What an uncompressed cache would hold for the tokens seen so far."""
-        esize = torch.empty((), dtype=dtype).element_size()
-        per_entry = batch * self.num_kv_heads * 2 * self.head_dim * esize
-        total = 0
-        for layer in self.layers:
-            n = self.seen if isinstance(layer, GrowingLayer) else min(self.seen, layer.sliding_window - 1)
-            total += n * per_entry
-        return total
-
-    def report(self, dtype: torch.dtype) -> CacheReport:
-        idx = self.growing_indices
-        return CacheReport(
-            kv_bytes=self.nbytes(),
-            kv_bytes_full=self.full_bytes(dtype),
-            per_layer=[l.nbytes() for l in self.layers],
-            kept_tokens=[self.layers[i].length for i in idx],
-            compressed_layers=idx,
-        )

@@ -25,6 +25,8 @@ Ctrl-C: the parent forwards SIGINT to the child, which reports what it measured 
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import json
 import os
 import signal
@@ -34,20 +36,28 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
-from .errors import KvcliError
+import psutil
+import torch
 
-QUESTION = "What is the main point of the document?"
-DEFAULT_TOKENS = 8192
-DEFAULT_DECODE = 32
+from ..api import Context, LoadedModel, load_model, prefill
+from ..core import defaults
+from ..core.budget import Budget, parse_budget
+from ..core.documents import load_document
+from ..core.errors import KvcliError
+from ..engine.sampler import Sampler
+from ..eval.tasks import generate_task
+
+QUESTION = defaults.PROFILE_QUESTION
+DEFAULT_TOKENS = defaults.PROFILE_TOKENS
+DEFAULT_DECODE = defaults.PROFILE_DECODE_TOKENS
 TASK_KIND, TASK_SEED = "niah_single", 0
 
 
 # ---- memory ---------------------------------------------------------------------------------
 def current_rss() -> int:
-    import psutil
-
     return psutil.Process().memory_info().rss
 
 
@@ -64,12 +74,8 @@ def _vmhwm() -> int | None:
 
 def trim_allocator() -> None:
     """Give freed heap memory back to the OS (glibc), so a baseline is not inflated."""
-    import gc
-
     gc.collect()
     try:
-        import ctypes
-
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
@@ -122,27 +128,77 @@ def warm_up(lm) -> None:
     """A 4-token prefill and one decode step before measuring: weights loaded from
     safetensors are memory-mapped and count in RSS only once read, and the first forward
     initialises kernels and thread pools; the first method measured must pay for neither."""
-    import torch
-
-    from . import api
-
-    ctx = api.prefill(lm, torch.arange(4), method="full", chunk_size=4, raw=True)
+    ctx = prefill(lm, torch.arange(4), method="full", chunk_size=4, raw=True)
     ctx.generate_ids(None, 1)
 
 
 # ---- one method ---------------------------------------------------------------------------------
+@dataclass
+class ProfileRow:
+    """One method's figures (``None``: not measured, e.g. after Ctrl-C or when it failed)."""
+
+    method: str
+    budget: str
+    model: str | None = None
+    device: str | None = None
+    dtype: str | None = None
+    chunk_size: int | None = None
+    status: str = "ok"  # "ok" | "interrupted" | "error"
+    rss_baseline_bytes: int | None = None
+    rss_method: str | None = None  # "vmhwm" | "sampled"
+    method_options: dict | None = None
+    tokens: int | None = None
+    truncated_tokens: int | None = None
+    kv_bytes: int | None = None
+    kv_bytes_full: int | None = None
+    kv_ratio: float | None = None
+    peak_prefill_kv_bytes: int | None = None
+    compressed_layers: list[int] | None = None
+    kv_bytes_all_layers: list[int] | None = None
+    kept_tokens: list[int] | None = None
+    prefill_seconds: float | None = None
+    prefill_tokens_per_second: float | None = None
+    compress_seconds: float | None = None
+    trace: list[dict] = field(default_factory=list)  # per chunk: tokens, kv_bytes, rss_bytes, peak_rss_bytes
+    ttft_seconds: float | None = None
+    decode_tokens: int | None = None
+    decode_seconds: float | None = None
+    decode_tokens_per_second: float | None = None
+    peak_rss_bytes: int | None = None
+    cuda_peak_bytes: int | None = None
+    error: str | None = None
+    document: str | None = None  # where the text came from (``measure_request``)
+    isolated: bool | None = None
+
+    def as_dict(self) -> dict:
+        """The JSON object of ``kvcli profile --json``: a failed method says only what and why."""
+        out = asdict(self)
+        if self.status == "error":
+            out = {k: out[k] for k in ("method", "budget", "status", "error", "document", "isolated")}
+        else:
+            del out["error"]
+        for key in ("document", "isolated"):
+            if out[key] is None:
+                del out[key]
+        return out
+
+    @classmethod
+    def failed(cls, method: str, budget: str, error: str) -> ProfileRow:
+        return cls(method=method, budget=budget, status="error", error=error)
+
+
 class ProfileInterrupted(KeyboardInterrupt):
     """Ctrl-C during a measurement; ``row`` holds what was measured until then."""
 
-    def __init__(self, row: dict) -> None:
+    def __init__(self, row: ProfileRow) -> None:
         super().__init__()
         self.row = row
 
 
 @dataclass
 class Measurement:
-    row: dict
-    context: object = None  # the ``api.Context`` (in-process only), cache as after prefill
+    row: ProfileRow
+    context: Context | None = None  # in-process only: the cache as after prefill
 
 
 def _cuda(lm) -> bool:
@@ -153,15 +209,11 @@ def _decode(ctx, question: str, n: int) -> tuple[float | None, float, int]:
     """Greedy decoding of ``n`` tokens after ``question``; returns (seconds to the first
     token, seconds for the rest, tokens).  The context is restored to its state after
     prefill, spare capacity included, so its tensors are exactly what was reported."""
-    from .engine import Sampler
-
     engine = ctx.engine
     cache = engine.cache
     if n <= 0:
         return None, 0.0, 0
     ids = ctx.tokenizer.encode(ctx.template.question(question), add_special_tokens=False)
-    import torch
-
     mark = cache.checkpoint()
     t0 = time.perf_counter()
     first = None
@@ -180,28 +232,23 @@ def _decode(ctx, question: str, n: int) -> tuple[float | None, float, int]:
     return first, time.perf_counter() - t0 - (first or 0.0), count
 
 
-def measure(lm, document, method: str, budget, chunk_size: int = 512, method_options: dict | None = None,
-            decode_tokens: int = DEFAULT_DECODE, question: str = QUESTION, backend: str = "sdpa",
-            raw: bool = False, truncate: bool = True, on_chunk: Callable[[int, int], None] | None = None,
-            keep_context: bool = False) -> Measurement:
+def measure(lm: LoadedModel, document: Any, method: str, budget: str | Budget, chunk_size: int = defaults.CHUNK_SIZE,
+            method_options: dict | None = None, decode_tokens: int = DEFAULT_DECODE, question: str = QUESTION,
+            backend: str = "sdpa", raw: bool = False, truncate: bool = True,
+            on_chunk: Callable[[int, int], None] | None = None, keep_context: bool = False) -> Measurement:
     """Prefill ``document`` once with ``method`` and decode; one row of figures.
 
     Ctrl-C raises ``ProfileInterrupted`` carrying the figures measured so far.
     """
-    from . import api
-    from .budget import parse_budget
-
-    budget = parse_budget(budget) if not hasattr(budget, "target") else budget
+    budget = budget if isinstance(budget, Budget) else parse_budget(budget)
     cuda = _cuda(lm)
     if cuda:
-        import torch
-
         torch.cuda.synchronize(lm.device)
         torch.cuda.reset_peak_memory_stats(lm.device)
     mem = PeakMemory().start()
-    row: dict = {"method": method, "budget": "1" if method in ("full", "pod") else str(budget), "model": lm.name,
-                 "device": str(lm.device), "dtype": str(lm.dtype).removeprefix("torch."), "chunk_size": chunk_size,
-                 "status": "ok", "rss_baseline_bytes": mem.baseline, "rss_method": mem.method}
+    row = ProfileRow(method=method, budget="1" if method in ("full", "pod") else str(budget), model=lm.name,
+                     device=str(lm.device), dtype=str(lm.dtype).removeprefix("torch."), chunk_size=chunk_size,
+                     rss_baseline_bytes=mem.baseline, rss_method=mem.method)
     trace_mem: list[dict] = []
     t_start = time.perf_counter()
     state = {"done": 0}
@@ -210,50 +257,41 @@ def measure(lm, document, method: str, budget, chunk_size: int = 512, method_opt
         state["done"] = done
         sample = {"tokens": done, "rss_bytes": current_rss(), "peak_rss_bytes": mem.peak()}
         if cuda:
-            import torch
-
             sample["cuda_bytes"] = torch.cuda.memory_allocated(lm.device)
         trace_mem.append(sample)
         if on_chunk is not None:
             on_chunk(done, total)
 
     def finish_memory() -> None:
-        row["peak_rss_bytes"] = mem.stop()
-        row["cuda_peak_bytes"] = None
-        if cuda:
-            import torch
-
-            row["cuda_peak_bytes"] = torch.cuda.max_memory_allocated(lm.device)
+        row.peak_rss_bytes = mem.stop()
+        row.cuda_peak_bytes = torch.cuda.max_memory_allocated(lm.device) if cuda else None
 
     try:
-        ctx = api.prefill(lm, document, method=method, budget=budget, chunk_size=chunk_size, truncate=truncate,
+        ctx = prefill(lm, document, method=method, budget=budget, chunk_size=chunk_size, truncate=truncate,
                           method_options=method_options, backend=backend, raw=raw, on_progress=cb)
         rep = ctx.report()
         stats = ctx.engine.stats
-        row.update({
-            "method_options": rep["method_options"], "tokens": rep["context_tokens"],
-            "truncated_tokens": rep["truncated_tokens"], "kv_bytes": rep["kv_bytes"],
-            "kv_bytes_full": rep["kv_bytes_full"], "kv_ratio": rep["kv_ratio"],
-            "peak_prefill_kv_bytes": stats.max_cache_bytes, "compressed_layers": rep["compressed_layers"],
-            "kv_bytes_all_layers": rep["kv_bytes_all_layers"], "kept_tokens": rep["kept_tokens"],
-            "prefill_seconds": rep["prefill_seconds"], "prefill_tokens_per_second": rep["prefill_tokens_per_second"],
-            "compress_seconds": rep["compress_seconds"],
-            "trace": [{**m, **t} for t, m in zip(stats.trace, trace_mem)],
-        })
+        row.method_options, row.tokens, row.truncated_tokens = rep.method_options, rep.context_tokens, rep.truncated_tokens
+        row.kv_bytes, row.kv_bytes_full, row.kv_ratio = rep.kv_bytes, rep.kv_bytes_full, rep.kv_ratio
+        row.peak_prefill_kv_bytes = stats.max_cache_bytes
+        row.compressed_layers, row.kv_bytes_all_layers = rep.compressed_layers, rep.kv_bytes_all_layers
+        row.kept_tokens, row.prefill_seconds = rep.kept_tokens, rep.prefill_seconds
+        row.prefill_tokens_per_second, row.compress_seconds = rep.prefill_tokens_per_second, rep.compress_seconds
+        row.trace = [{**m, **t} for t, m in zip(stats.trace, trace_mem, strict=True)]
         t_prefilled = time.perf_counter()
         first, rest, count = _decode(ctx, question, decode_tokens)
-        row["ttft_seconds"] = None if first is None else (t_prefilled - t_start) + first
-        row["decode_tokens"] = count
-        row["decode_seconds"] = rest
-        row["decode_tokens_per_second"] = (count - 1) / rest if count > 1 and rest > 0 else None
+        row.ttft_seconds = None if first is None else (t_prefilled - t_start) + first
+        row.decode_tokens, row.decode_seconds = count, rest
+        row.decode_tokens_per_second = (count - 1) / rest if count > 1 and rest > 0 else None
         finish_memory()
     except KeyboardInterrupt:
         finish_memory()
-        row["status"] = "interrupted"
-        row.setdefault("tokens", state["done"])
-        row.setdefault("prefill_seconds", time.perf_counter() - t_start)
-        row.setdefault("prefill_tokens_per_second", state["done"] / row["prefill_seconds"] if state["done"] else None)
-        row.setdefault("trace", trace_mem)  # no KV bytes: the cache is inside the interrupted prefill
+        row.status = "interrupted"
+        if row.prefill_seconds is None:  # stopped inside prefill: no KV bytes, the cache is half-built
+            row.tokens = state["done"]
+            row.prefill_seconds = time.perf_counter() - t_start
+            row.prefill_tokens_per_second = state["done"] / row.prefill_seconds if state["done"] else None
+            row.trace = trace_mem
         raise ProfileInterrupted(row) from None
     return Measurement(row=row, context=ctx if keep_context else None)
 
@@ -263,34 +301,40 @@ def measure(lm, document, method: str, budget, chunk_size: int = 512, method_opt
 class ProfileSpec:
     """What to profile.  ``document`` is text (or token ids with ``raw``)."""
 
-    document: object
+    document: Any
     methods: list[str]
-    budget: str = "0.5"
-    chunk_size: int = 512
+    budget: str = defaults.PROFILE_BUDGET
+    chunk_size: int = defaults.CHUNK_SIZE
     options: dict[str, dict] = field(default_factory=dict)  # per method
     decode_tokens: int = DEFAULT_DECODE
-    model: str = "embedded"
+    model: str = defaults.MODEL
     device: str = "auto"
     dtype: str = "auto"
     backend: str = "sdpa"
     question: str = QUESTION
     raw: bool = False
+    source: str | None = None  # where ``document`` came from, reported in each row
 
 
 @dataclass
 class ProfileResult:
-    rows: list[dict]
+    rows: list[ProfileRow]
     interrupted: bool = False
 
 
 # on_event(event, method, data): "start", "loaded", "chunk" (data = (done, total)), "decode", "done" (data = row)
-EventFn = Callable[[str, str, object], None]
+EventFn = Callable[[str, str, Any], None]
 
 
-def run_profile(spec: ProfileSpec, lm=None, isolate: bool = True, on_event: EventFn | None = None) -> ProfileResult:
+def _ignore(event: str, method: str, data: Any) -> None:
+    return None
+
+
+def run_profile(spec: ProfileSpec, lm: LoadedModel | None = None, isolate: bool = True,
+                on_event: EventFn | None = None) -> ProfileResult:
     """Every method of ``spec`` in turn: isolated child processes, or in-process with ``lm``."""
-    emit = on_event or (lambda *a: None)
-    rows: list[dict] = []
+    emit = on_event or _ignore
+    rows: list[ProfileRow] = []
     if not isolate and lm is not None:
         warm_up(lm)
     for method in spec.methods:
@@ -305,24 +349,26 @@ def run_profile(spec: ProfileSpec, lm=None, isolate: bool = True, on_event: Even
                 emit("loaded", method, None)
                 row = _in_process(spec, method, lm, emit)
         except ProfileInterrupted as exc:
+            exc.row.document, exc.row.isolated = spec.source, isolate
             rows.append(exc.row)
             return ProfileResult(rows, interrupted=True)
         except KeyboardInterrupt:
             return ProfileResult(rows, interrupted=True)
+        row.document, row.isolated = spec.source, isolate
         rows.append(row)
         emit("done", method, row)
-    if rows and all(r.get("status", "").startswith("error") for r in rows):
-        raise KvcliError(rows[0].get("error", "every method failed"))
+    if rows and all(r.status == "error" for r in rows):
+        raise KvcliError(rows[0].error or "every method failed")
     return ProfileResult(rows)
 
 
-def _in_process(spec: ProfileSpec, method: str, lm, emit: EventFn) -> dict:
+def _in_process(spec: ProfileSpec, method: str, lm: LoadedModel, emit: EventFn) -> ProfileRow:
     try:
         m = measure(lm, spec.document, method, spec.budget, spec.chunk_size, spec.options.get(method),
                     spec.decode_tokens, spec.question, spec.backend, raw=spec.raw,
                     on_chunk=lambda d, t: emit("chunk", method, (d, t)))
     except KvcliError as exc:
-        return {"method": method, "budget": spec.budget, "status": "error", "error": str(exc)}
+        return ProfileRow.failed(method, spec.budget, str(exc))
     return m.row
 
 
@@ -334,12 +380,13 @@ def _child_spec(spec: ProfileSpec, method: str) -> dict:
             "question": spec.question, "backend": spec.backend}
 
 
-def _run_child(spec: ProfileSpec, method: str, emit: EventFn) -> dict:
+def _run_child(spec: ProfileSpec, method: str, emit: EventFn) -> ProfileRow:
     with tempfile.TemporaryFile(mode="w+", prefix="kvcli-profile-") as errf:
         proc = subprocess.Popen([sys.executable, "-m", "kvcli.profile"], stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, stderr=errf, start_new_session=True, text=True)
         result: dict | None = None
         try:
+            assert proc.stdin is not None and proc.stdout is not None  # both are pipes
             proc.stdin.write(json.dumps(_child_spec(spec, method)))
             proc.stdin.close()
             for line in proc.stdout:
@@ -352,8 +399,9 @@ def _run_child(spec: ProfileSpec, method: str, emit: EventFn) -> dict:
             proc.wait()
         except KeyboardInterrupt:
             result = _interrupt_child(proc)
-            row = (result or {}).get("row") or {"method": method, "budget": spec.budget, "status": "interrupted"}
-            row["status"] = "interrupted"
+            got = (result or {}).get("row")
+            row = ProfileRow(**got) if got else ProfileRow(method=method, budget=spec.budget)
+            row.status = "interrupted"
             raise ProfileInterrupted(row) from None
         finally:
             if proc.poll() is None:
@@ -361,15 +409,15 @@ def _run_child(spec: ProfileSpec, method: str, emit: EventFn) -> dict:
                 proc.wait()
         if result is None or result["event"] == "interrupted":
             errf.seek(0)
-            tail = [l for l in errf.read().strip().splitlines() if l.strip()]
+            tail = [line for line in errf.read().strip().splitlines() if line.strip()]
             why = tail[-1][:300] if tail else f"exit status {proc.returncode}"
-            return {"method": method, "budget": spec.budget, "status": "error", "error": f"{method}: child process failed ({why})"}
+            return ProfileRow.failed(method, spec.budget, f"{method}: child process failed ({why})")
         if result["event"] == "error":
-            return {"method": method, "budget": spec.budget, "status": "error", "error": result["message"]}
-        return result["row"]
+            return ProfileRow.failed(method, spec.budget, result["message"])
+        return ProfileRow(**result["row"])
 
 
-def _interrupt_child(proc: subprocess.Popen) -> dict | None:
+def _interrupt_child(proc: subprocess.Popen[str]) -> dict | None:
     """Ask the child (own session, so Ctrl-C did not reach it) to stop and report."""
     if proc.poll() is None:
         proc.send_signal(signal.SIGINT)
@@ -377,7 +425,7 @@ def _interrupt_child(proc: subprocess.Popen) -> dict | None:
     timer.start()
     result = None
     try:
-        for line in proc.stdout:
+        for line in proc.stdout or ():
             msg = json.loads(line)
             if msg["event"] in ("row", "interrupted"):
                 result = msg
@@ -389,7 +437,7 @@ def _interrupt_child(proc: subprocess.Popen) -> dict | None:
     return result
 
 
-def _child_main() -> None:
+def child_main() -> None:
     """Child side: read one spec (JSON) on stdin, report events as JSON lines on stdout."""
     proto = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # stray prints go to stderr, never into the protocol
@@ -401,18 +449,16 @@ def _child_main() -> None:
 
     try:
         spec = json.loads(sys.stdin.read())
-        from . import api
-
-        lm = api.load_model(spec["model"], device=spec["device"], dtype=spec["dtype"], quiet=True)
+        lm = load_model(spec["model"], device=spec["device"], dtype=spec["dtype"], quiet=True)
         warm_up(lm)
         trim_allocator()
         send("loaded")
         m = measure(lm, spec["document"], spec["method"], spec["budget"], spec["chunk_size"], spec["options"],
                     spec["decode_tokens"], spec["question"], spec["backend"], raw=spec["raw"],
                     on_chunk=lambda d, t: send("chunk", data=[d, t]))
-        send("row", row=m.row)
+        send("row", row=m.row.as_dict())
     except ProfileInterrupted as exc:
-        send("row", row=exc.row)
+        send("row", row=exc.row.as_dict())
     except KeyboardInterrupt:
         send("interrupted")
     except KvcliError as exc:
@@ -425,8 +471,6 @@ def _child_main() -> None:
 # ---- documents ---------------------------------------------------------------------------------------
 def default_document(tokenizer, tokens: int = DEFAULT_TOKENS) -> str:
     """A generated haystack of ``tokens`` tokens (a RULER-style needle task's context)."""
-    from .eval.tasks import generate_task
-
     return generate_task(TASK_KIND, tokenizer, int(tokens), TASK_SEED).context
 
 
@@ -436,58 +480,11 @@ def first_tokens(tokenizer, text: str, tokens: int) -> str:
     return text if len(ids) <= tokens else tokenizer.decode(ids[:tokens])
 
 
-# ---- plot ------------------------------------------------------------------------------------------
-def plot_rows(rows: list[dict], path: str, title: str = "") -> None:
-    """KV bytes and process memory against tokens processed, one line per method.
-
-    Written to a temporary file next to ``path`` and renamed, so a failure leaves nothing
-    half-written."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    mib = 1024 * 1024
-    has_mem = any(t.get("rss_bytes") for r in rows for t in r.get("trace") or [])
-    fig, axes = plt.subplots(1, 2 if has_mem else 1, figsize=(12 if has_mem else 7, 4.8), squeeze=False)
-    ax_kv = axes[0][0]
-    for r in rows:
-        trace = [t for t in r.get("trace") or [] if t.get("tokens") is not None]
-        if not trace:
-            continue
-        label = r["method"] if r["method"] == "full" else f"{r['method']} @ {r.get('budget')}"
-        xs = [t["tokens"] for t in trace]
-        nan = float("nan")
-        ax_kv.plot(xs, [t.get("kv_bytes", nan) / mib for t in trace], marker=".", label=label)
-        if has_mem:
-            axes[0][1].plot(xs, [t.get("rss_bytes", nan) / mib for t in trace], marker=".", label=label)
-    ax_kv.set_title("KV cache held after each chunk" + (" (estimate)" if rows and rows[0].get("estimate") else ""))
-    ax_kv.set_xlabel("tokens processed")
-    ax_kv.set_ylabel("KV cache (MiB)")
-    ax_kv.set_ylim(bottom=0)
-    if has_mem:
-        ax = axes[0][1]
-        ax.set_title("process memory (RSS) after each chunk")
-        ax.set_xlabel("tokens processed")
-        ax.set_ylabel("RSS (MiB)")
-    for ax in axes[0]:
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize="small")
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    directory = os.path.dirname(os.path.abspath(path))
-    suffix = os.path.splitext(path)[1] or ".png"
-    fd, tmp = tempfile.mkstemp(prefix=".kvcli-plot-", suffix=suffix, dir=directory)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-if __name__ == "__main__":
-    _child_main()
+def profile_text(tokenizer, path: str | None = None, tokens: int | None = None) -> tuple[str, str]:
+    """``(text, source)`` to profile on: the document at ``path`` (its first ``tokens``
+    tokens when given), else a generated haystack of ``tokens`` (default 8192)."""
+    if path is not None:
+        text = load_document(path).text
+        return (text if tokens is None else first_tokens(tokenizer, text, tokens)), path
+    n = tokens or DEFAULT_TOKENS
+    return default_document(tokenizer, n), f"generated haystack ({n} tokens)"

@@ -13,35 +13,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .attention import RunState
-from .backends import active_backend, resolve_backend, uses_pod_kernel
-from .budget import Budget
-from .cache import KVCache, SharedKeyLayer
-from .methods.base import Method
-
-
-@dataclass
-class Sampler:
-    """Greedy by default; temperature / nucleus sampling with a seeded generator."""
-
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
-    _gen: torch.Generator | None = field(default=None, repr=False)
-
-    def __call__(self, logits: torch.Tensor) -> int:
-        if self.temperature <= 0:
-            return int(torch.argmax(logits, dim=-1))
-        if self._gen is None:
-            self._gen = torch.Generator(device="cpu")
-            self._gen.manual_seed(self.seed if self.seed is not None else int(time.time_ns() % 2**31))
-        probs = torch.softmax(logits.float().cpu() / self.temperature, dim=-1)
-        if self.top_p < 1.0:
-            sorted_p, order = torch.sort(probs, descending=True)
-            cut = torch.cumsum(sorted_p, dim=-1) - sorted_p > self.top_p
-            sorted_p[cut] = 0
-            probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
-        return int(torch.multinomial(probs / probs.sum(), 1, generator=self._gen))
+from ..attention import RunState
+from ..attention.backends import active_backend, resolve_backend, uses_pod_kernel
+from ..cache import CacheReport, KVCache, SharedKeyLayer
+from ..core import defaults
+from ..core.budget import FULL, Budget
+from ..core.errors import KvcliError
+from ..methods.base import Method
+from .sampler import Sampler
 
 
 @dataclass
@@ -52,7 +31,13 @@ class PrefillStats:
     chunks: int = 0
     max_cache_bytes: int = 0  # largest physical cache seen at a chunk boundary (before compression)
     trace: list[dict] = field(default_factory=list)  # per chunk: tokens, kv_bytes (for plots)
-    report: object = None  # CacheReport taken right after prefill (before any question)
+    report: CacheReport | None = None  # taken right after prefill (before any question)
+
+
+def check_chunk_size(chunk_size: int) -> None:
+    """The one check of a prefill chunk size (every entry point runs it before any work)."""
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise KvcliError(f"chunk_size {chunk_size!r} is invalid: it must be a positive integer", option="chunk_size")
 
 
 class Engine:
@@ -63,16 +48,15 @@ class Engine:
         model,
         method: Method,
         budget: Budget,
-        chunk_size: int = 512,
-        obs_window: int = 64,
+        chunk_size: int = defaults.CHUNK_SIZE,
+        obs_window: int = defaults.OBS_WINDOW,
         backend: str = "auto",
     ) -> None:
-        if chunk_size < 1:
-            raise ValueError("chunk_size must be positive")
+        check_chunk_size(chunk_size)
         self.model = model
         self.method = method
         if not method.uses_budget:  # structural saving only (plain PoD): no token budget applies
-            budget = Budget(ratio=1.0)
+            budget = FULL
         self.budget = budget
         self.chunk_size = chunk_size
         self.device = next(model.parameters()).device

@@ -12,11 +12,14 @@ import io
 import os
 import re
 import sys
+import logging
 import typing
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvcli.errors import KvcliError
+import charset_normalizer
+
+from .errors import KvcliError
 
 TEXT_EXTENSIONS = {".txt": "text", ".rst": "text", ".md": "markdown", ".markdown": "markdown"}
 HTML_EXTENSIONS = {".html", ".htm"}
@@ -168,8 +171,6 @@ def _guess_decode(data: bytes) -> str | None:
     On ties we prefer cp1252: it is by far the most common legacy encoding and
     charset-normalizer otherwise often picks cp1250 for Western text (è -> č).
     """
-    import charset_normalizer
-
     matches = charset_normalizer.from_bytes(data)
     best = matches.best()
     if best is None:
@@ -183,9 +184,7 @@ def _guess_decode(data: bytes) -> str | None:
 
 def _pdf_text(data: bytes, name: str) -> str:
     """Extract text from all pages; encrypted, corrupt and scanned PDFs get distinct messages."""
-    import logging
-
-    from pypdf import PdfReader
+    from pypdf import PdfReader  # optional-weight: only PDFs need it
 
     logging.getLogger("pypdf").setLevel(logging.ERROR)  # its repair warnings would clutter the CLI
     try:

@@ -1,4 +1,4 @@
-"""PoD layer grouping by calibration (``kvcli calibrate``; the CLI is in ``cli_calibrate``).
+"""PoD layer grouping by calibration (``kvcli calibrate``; the CLI is in ``kvcli.cli.calibrate``).
 
 PoD (Ma et al., 2412.02252) shares the keys of *distant* tokens inside blocks of
 consecutive full-attention ("growing") layers.  The paper groups layers whose attention
@@ -61,29 +61,34 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from .errors import KvcliError
+import torch
 
-if TYPE_CHECKING:  # torch is imported where it is used: the CLI reads the defaults below at startup
-    import torch
+from ..attention import ATTN_NAME
+from ..core import defaults
+from ..core.budget import FULL
+from ..core.errors import KvcliError
+from ..core.fileio import atomic_write_text
+from ..core.prompts import choose_template
+from ..engine.engine import Engine
+from ..eval.fillers import filler_sentences
+from ..methods import make_method
+from ..methods.pod import PoD
 
-LN2 = math.log(2.0)
-DEFAULT_TOKENS = 4096
-DEFAULT_QUERIES = 128
-DEFAULT_SINKS = 16
-DEFAULT_MAX_BLOCK = 4
-DEFAULT_THRESHOLD = LN2 / 2  # the paper's similarity 0.5, read as 1 - JSD / ln 2
+LN2 = defaults.LN2
+DEFAULT_TOKENS = defaults.CALIBRATE_TOKENS
+DEFAULT_QUERIES = defaults.CALIBRATE_QUERIES
+DEFAULT_SINKS = defaults.POD_N_SINK
+DEFAULT_MAX_BLOCK = defaults.CALIBRATE_MAX_BLOCK
+DEFAULT_THRESHOLD = defaults.CALIBRATE_THRESHOLD
 MIN_DISTANT = 16  # fewer distant keys than this make a meaningless distribution
-MEASURES = ("attention", "shared")
-HEAD_MODES = ("group", "each")
+MEASURES = defaults.CALIBRATE_MEASURES
+HEAD_MODES = defaults.CALIBRATE_HEAD_MODES
 
 
 # ---- the divergence -----------------------------------------------------------------------------
 def jsd(p: torch.Tensor, q: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """Jensen-Shannon divergence (nats) between distributions along ``dim``; in [0, ln 2]."""
-    import torch
-
     p, q = p.float(), q.float()
     m = 0.5 * (p + q)
     kl_pm = (torch.xlogy(p, p) - torch.xlogy(p, m)).sum(dim)
@@ -94,8 +99,6 @@ def jsd(p: torch.Tensor, q: torch.Tensor, dim: int = -1) -> torch.Tensor:
 def _attention(query: torch.Tensor, keys: torch.Tensor, scaling: float) -> torch.Tensor:
     """Softmax of ``query [Hq, W, D]`` over ``keys [Hkv, N, D]`` (query head h reads KV head
     h // (Hq / Hkv)): ``[Hq, W, N]`` float32."""
-    import torch
-
     hq, w, d = query.shape
     hkv = keys.shape[0]
     q = query.float().reshape(hkv, (hq // hkv) * w, d)
@@ -106,16 +109,12 @@ def _attention(query: torch.Tensor, keys: torch.Tensor, scaling: float) -> torch
 # ---- text ----------------------------------------------------------------------------------------
 def document_ids(lm, text: str) -> list[int]:
     """``text`` as a run would see it: the template's prefix (BOS / chat prefix), then the text."""
-    from .prompts import choose_template
-
     tok = lm.tokenizer
     return choose_template(tok, lm.is_base).prefix_ids(tok) + list(tok.encode(text, add_special_tokens=False))
 
 
 def filler_ids(lm, tokens: int, seed: int = 0, style: str = "prose") -> list[int]:
     """``tokens`` ids of generated filler text (``kvcli.eval.fillers``), prefix included."""
-    from .eval.fillers import filler_sentences
-
     sentences = filler_sentences(style, random.Random(seed))
     parts: list[str] = []
     chars = 0
@@ -194,7 +193,8 @@ def choose_blocks(growing: list[int], matrix: list[list[float | None]], threshol
     check_rule(threshold, max_block, n_blocks)
     if n_blocks is not None:
         if n_blocks > n:
-            raise KvcliError(f"--blocks {n_blocks}: give 1 to {n} (the model has {n} full-attention layers)")
+            raise KvcliError(f"n_blocks {n_blocks} is too many: give 1 to {n} (the model has {n} full-attention layers)",
+                             option="n_blocks")
         gaps = sorted(range(n - 1), key=lambda k: (-_value(matrix[k][k + 1]), k))[: n_blocks - 1]
         cuts = sorted(k + 1 for k in gaps)
         bounds = [0, *cuts, n]
@@ -216,7 +216,7 @@ def check_rule(threshold: float, max_block: int, n_blocks: int | None) -> None:
     """The grouping rule's settings, or a one-line error (the count rule ignores the others)."""
     if n_blocks is not None:
         if n_blocks < 1:
-            raise KvcliError(f"invalid --blocks {n_blocks}: it must be at least 1")
+            raise KvcliError(f"n_blocks {n_blocks} is invalid: it must be at least 1", option="n_blocks")
     elif not threshold >= 0 or max_block < 0:
         raise KvcliError(f"invalid grouping: threshold {threshold} and max_block {max_block} must be >= 0")
 
@@ -228,25 +228,16 @@ def _value(v: float | None) -> float:
 # ---- measuring ------------------------------------------------------------------------------------
 def default_recent(tokens: int) -> int:
     """PoD's recent window after ``tokens`` tokens with its default options."""
-    from .methods.pod import PoD
-
     return PoD().recent_window(tokens)
 
 
 def measure(model, ids, *, queries: int = DEFAULT_QUERIES, recent: int | None = None, sinks: int = DEFAULT_SINKS,
-            how: str = "attention", heads: str = "group", band: int | None = None, chunk_size: int = 512,
+            how: str = "attention", heads: str = "group", band: int | None = None, chunk_size: int = defaults.CHUNK_SIZE,
             backend: str = "auto", on_progress: Callable[[str, int, int], None] | None = None) -> Calibration:
     """Run ``ids`` through ``model`` (a ``LoadedModel`` or a model with kvcli's attention
     installed) and measure the JSD between growing layers no more than ``band`` apart
     (``None``: every pair).  ``on_progress(stage, done, total)``: ``prefill`` in tokens,
     then ``measure`` in pairs of layers.  Blocks are not chosen here (``calibrate`` does)."""
-    import torch
-
-    from .attention import ATTN_NAME
-    from .budget import Budget
-    from .engine import Engine
-    from .methods import make_method
-
     model = getattr(model, "model", model)
     if getattr(model.config, "_attn_implementation", None) != ATTN_NAME:
         raise KvcliError("calibrate: the model must run kvcli's attention (api.load_model or api.wrap_model)")
@@ -269,7 +260,7 @@ def measure(model, ids, *, queries: int = DEFAULT_QUERIES, recent: int | None = 
                          f"it needs at least {need} (>= {MIN_DISTANT} distant tokens)")
 
     t0 = time.perf_counter()
-    engine = Engine(model, make_method("full"), Budget(ratio=1.0), chunk_size=chunk_size, backend=backend)
+    engine = Engine(model, make_method("full"), FULL, chunk_size=chunk_size, backend=backend)
     growing = engine.cache.growing_indices
     if not growing:
         raise KvcliError("calibrate: the model has no full-attention layers (nothing for PoD to group)")
@@ -346,8 +337,6 @@ def _pair_jsd(anchor: tuple[torch.Tensor, float], k_anchor: torch.Tensor, member
 def _distant_mass(query: torch.Tensor, scaling: float, keys: torch.Tensor, sinks: int, horizon: int) -> float:
     """Mean share of the observed queries' attention (over every key each one sees) that
     goes to the distant keys ``sinks <= p < horizon``; one KV head at a time."""
-    import torch
-
     hq, w, d = query.shape
     hkv, t = keys.shape[0], keys.shape[1]
     g = hq // hkv
@@ -365,7 +354,7 @@ def _distant_mass(query: torch.Tensor, scaling: float, keys: torch.Tensor, sinks
 
 def calibrate(model, ids, *, threshold: float = DEFAULT_THRESHOLD, max_block: int = DEFAULT_MAX_BLOCK,
               n_blocks: int | None = None, queries: int = DEFAULT_QUERIES, recent: int | None = None,
-              sinks: int = DEFAULT_SINKS, how: str = "attention", heads: str = "group", chunk_size: int = 512,
+              sinks: int = DEFAULT_SINKS, how: str = "attention", heads: str = "group", chunk_size: int = defaults.CHUNK_SIZE,
               backend: str = "auto", on_progress: Callable[[str, int, int], None] | None = None) -> Calibration:
     """Measure (``measure``) and group (``choose_blocks``): the ``Calibration`` with blocks."""
     check_rule(threshold, max_block, n_blocks)  # before the measurement, not after it
@@ -383,6 +372,4 @@ def calibrate(model, ids, *, threshold: float = DEFAULT_THRESHOLD, max_block: in
 # ---- the profile file ------------------------------------------------------------------------------
 def write_profile(path: str | os.PathLike, data: dict) -> Path:
     """Write ``data`` as JSON to ``path`` atomically (a temporary file beside it, renamed)."""
-    from .fileio import atomic_write_text
-
     return atomic_write_text(path, json.dumps(data, indent=2) + "\n")

@@ -1,46 +1,25 @@
-"""kvcli's public Python API: load a model, open a document, prefill it once, ask.
-
-    from kvcli import api
-    lm = api.load_model()
-    ctx = api.prefill(lm, api.open_document("doc.txt"), method="h2o", budget=0.5)
-    print(ctx.ask("Who wrote it?").text)
-
-The CLI is a thin layer over this module; tests and benchmarks use it directly.
-"""
+"""A prefilled document: ask questions, summarize, score answers, report what it holds."""
 
 from __future__ import annotations
 
-import math
+import resource
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import psutil
 import torch
 
-from .budget import Budget, parse_budget
-from .documents import Document, load_document
-from .engine import Engine, Sampler
-from .errors import KvcliError
-from .methods import make_method
-from .models import LoadedModel, load_model, wrap_model
-from .prompts import Template, choose_template
-
-__all__ = ["load_model", "wrap_model", "open_document", "prefill", "Context", "Answer", "Sampler"]
-
-DEFAULT_CHUNK = 512
-QUESTION_RESERVE = 256  # positions kept free after the document for a question and answer
-
-
-def open_document(path: str) -> Document:
-    return load_document(path)
+from ..core import defaults
+from ..core.prompts import Template
+from ..engine.engine import Engine
+from ..engine.models import LoadedModel
+from ..engine.sampler import Sampler
+from .report import PrefillReport
 
 
 def peak_rss_bytes() -> int:
     """Peak resident memory of this process (ru_maxrss), in bytes."""
-    import resource
-    import sys
-
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
 
@@ -142,7 +121,7 @@ class Context:
             on_text(final[len(shown):])
         return final, tokens, seconds
 
-    def ask(self, question: str, max_new_tokens: int = 64, sampler: Sampler | None = None,
+    def ask(self, question: str, max_new_tokens: int = defaults.ASK_MAX_NEW_TOKENS, sampler: Sampler | None = None,
             on_text: Callable[[str], None] | None = None, answer_prefix: str = "") -> Answer:
         """Answer one question from the context (the context is left as it was)."""
         text, tokens, secs = self._complete(self.template.question(question, answer_prefix), self.template.stop_answer,
@@ -151,7 +130,7 @@ class Context:
         self.answers.append(ans)
         return ans
 
-    def summarize(self, max_new_tokens: int = 200, sampler: Sampler | None = None,
+    def summarize(self, max_new_tokens: int = defaults.SUMMARY_MAX_NEW_TOKENS, sampler: Sampler | None = None,
                   on_text: Callable[[str], None] | None = None) -> Answer:
         text, tokens, secs = self._complete(self.template.summary_suffix, self.template.stop_summary,
                                             max_new_tokens, sampler, on_text)
@@ -173,86 +152,33 @@ class Context:
             self.engine.cache.rollback(mark)
         return total / max(1, target.numel())
 
-    def report(self) -> dict:
+    def report(self) -> PrefillReport:
         """Measured figures for ``--json`` and benchmarks (bytes counted from tensors)."""
         stats = self.engine.stats
         rep = stats.report or self.engine.cache.report(self.lm.dtype)
-        return {
-            "model": self.lm.name,
-            "method": self.engine.method.name,
-            "method_options": self.engine.method.options(),
-            "budget": str(self.engine.budget),
-            "context_tokens": self.context_tokens,
-            "truncated_tokens": self.truncated,
-            "kv_bytes": rep.kv_bytes,
-            "kv_bytes_full": rep.kv_bytes_full,
-            "kv_ratio": rep.kv_bytes / rep.kv_bytes_full if rep.kv_bytes_full else 1.0,
-            "compressed_layers": rep.compressed_layers,
-            "kv_bytes_per_layer": [rep.per_layer[i] for i in rep.compressed_layers],
-            "kv_bytes_all_layers": rep.per_layer,
-            "kept_tokens": rep.kept_tokens,
-            "peak_rss_bytes": peak_rss_bytes(),
-            "prefill_seconds": stats.seconds,
-            "prefill_tokens_per_second": stats.tokens / stats.seconds if stats.seconds else 0.0,
-            "compress_seconds": stats.compress_seconds,
-            "decode_seconds": self.decode_seconds,
-            "chunk_size": self.engine.chunk_size,
-        }
+        return PrefillReport(
+            model=self.lm.name,
+            method=self.engine.method.name,
+            method_options=self.engine.method.options(),
+            budget=str(self.engine.budget),
+            context_tokens=self.context_tokens,
+            truncated_tokens=self.truncated,
+            kv_bytes=rep.kv_bytes,
+            kv_bytes_full=rep.kv_bytes_full,
+            kv_ratio=rep.kv_bytes / rep.kv_bytes_full if rep.kv_bytes_full else 1.0,
+            compressed_layers=rep.compressed_layers,
+            kv_bytes_per_layer=[rep.per_layer[i] for i in rep.compressed_layers],
+            kv_bytes_all_layers=rep.per_layer,
+            kept_tokens=rep.kept_tokens,
+            peak_rss_bytes=peak_rss_bytes(),
+            prefill_seconds=stats.seconds,
+            prefill_tokens_per_second=stats.tokens / stats.seconds if stats.seconds else 0.0,
+            compress_seconds=stats.compress_seconds,
+            decode_seconds=self.decode_seconds,
+            chunk_size=self.engine.chunk_size,
+        )
 
 
 def _first_stop(text: str, stops: list[str]) -> int | None:
     hits = [text.find(s) for s in stops if s and text.find(s) > 0]
     return min(hits) if hits else None
-
-
-def prefill(
-    lm: LoadedModel,
-    document: Document | str | list[int] | torch.Tensor,
-    method: str = "full",
-    budget: Budget | float | str = 1.0,
-    chunk_size: int = DEFAULT_CHUNK,
-    question: str | None = None,
-    truncate: bool = False,
-    on_progress: Callable[[int, int], None] | None = None,
-    method_options: dict | None = None,
-    backend: str = "auto",
-    raw: bool = False,
-) -> Context:
-    """Stream a document through the model into a compressed cache.
-
-    ``question``: when given (a single question known before prefill), query-aware methods
-    score entries by the attention this question pays them.  ``raw``: the document is
-    already token ids; no template is applied (used by tests against ``generate()``).
-    """
-    if not isinstance(budget, Budget):
-        budget = parse_budget(budget)
-    if chunk_size < 1:
-        raise KvcliError(f"invalid chunk size {chunk_size}: it must be a positive integer")
-    meth = make_method(method, **(method_options or {}))
-    template = choose_template(lm.tokenizer, lm.is_base)
-    tok = lm.tokenizer
-    if raw:
-        ids = torch.as_tensor(document, dtype=torch.long).view(1, -1)
-    else:
-        text = document.text if isinstance(document, Document) else str(document)
-        ids = torch.tensor([template.prefix_ids(tok) + tok.encode(text, add_special_tokens=False)], dtype=torch.long)
-    truncated = 0
-    limit = lm.max_positions
-    if limit and ids.shape[1] + QUESTION_RESERVE > limit:
-        keep = limit - QUESTION_RESERVE
-        if not truncate:
-            raise KvcliError(
-                f"document is {ids.shape[1]} tokens; the model handles {limit} positions "
-                f"({keep} for the document after reserving {QUESTION_RESERVE} for the question and answer); "
-                f"use --truncate to keep the first {keep} tokens"
-            )
-        truncated = ids.shape[1] - keep
-        ids = ids[:, :keep]
-    if ids.shape[1] == 0:
-        raise KvcliError("document is empty after tokenization")
-    engine = Engine(lm.model, meth, budget, chunk_size=chunk_size, backend=backend)
-    probe = None
-    if question is not None and not raw:
-        probe = torch.tensor([tok.encode(template.question(question), add_special_tokens=False)], dtype=torch.long)
-    engine.prefill(ids, probe_ids=probe, on_chunk=on_progress)
-    return Context(lm=lm, engine=engine, template=template, context_tokens=ids.shape[1], truncated=truncated)

@@ -3,7 +3,7 @@
 flash-attn (optional extra ``kvcli[gpu]``; imported lazily, never at kvcli import time)
 masks by *index*: with ``causal=True`` query ``i`` of ``Lq`` sees key ``j`` of ``Lk`` iff
 ``j <= i + Lk - Lq`` (bottom-right aligned), and ``window_size=(left, 0)`` adds
-``j >= i + Lk - Lq - left``.  kvcli masks by *logical position* (``attention.allowed_mask``:
+``j >= i + Lk - Lq - left``.  kvcli masks by *logical position* (``reference.allowed_mask``:
 ``k_pos <= q_pos`` and, on sliding-window layers, ``q_pos - k_pos < window``) and may add a
 per-entry ``log(count)`` bias to the logits.  flash-attn cannot add such a bias and cannot
 express an arbitrary position mask, so every call is first checked by ``flash_plan`` (a
@@ -21,7 +21,7 @@ pure function, testable without a GPU).  flash is used when all of these hold:
   every key before them is at a position ``<= p0 - W`` (outside every query's window).
 
 Otherwise the call is *declined* and runs on the fallback the caller gives (kvcli's Triton
-kernel where it can run, else the torch reference ``attention.attend``); results are the
+kernel where it can run, else the torch reference ``reference.attend``); results are the
 same either way, only the speed differs.  The check costs one small reduction and one
 host sync per call.
 """
@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -149,7 +149,7 @@ def run_flash(query, key, value, scaling: float, plan: FlashPlan) -> torch.Tenso
 
 
 def flash_attend(query, key, value, q_pos, k_pos, bias, scaling, window, fallback: Callable) -> torch.Tensor:
-    """``attention.attend``'s signature: flash-attn where ``flash_plan`` allows, else
+    """``reference.attend``'s signature: flash-attn where ``flash_plan`` allows, else
     ``fallback`` (same arguments) for this call."""
     plan = flash_plan(q_pos, k_pos, bias, window, query.dtype, query.shape[-1], value.shape[-1], query.device.type)
     if not plan.ok:

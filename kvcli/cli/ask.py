@@ -1,0 +1,79 @@
+"""``kvcli ask``: answer questions about a document from one prefill."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+
+from ..core import defaults
+from ..core.errors import KvcliError
+from .common import prefill_document
+from .options import (
+    AttnOpt,
+    BudgetOpt,
+    ChunkOpt,
+    DeviceOpt,
+    DtypeOpt,
+    JsonOpt,
+    MaxNewOpt,
+    MethodOpt,
+    ModelOpt,
+    OptionOpt,
+    PresetOpt,
+    QuietOpt,
+    SeedOpt,
+    TempOpt,
+    TopPOpt,
+    TruncOpt,
+    emit,
+    parse_options,
+)
+
+QueryAwareOpt = Annotated[bool, typer.Option("--query-aware/--no-query-aware", help="With a single question, let the method score context entries by the attention the question pays them (default: off; see README).")]  # noqa: E501
+
+
+def ask(
+    document: Annotated[str, typer.Argument(help="Document: .txt .md .pdf .html, or - for stdin.")],
+    questions: Annotated[list[str], typer.Argument(help="One or more questions; the document is prefilled once.")],
+    model: ModelOpt = defaults.MODEL,
+    method: MethodOpt = None,
+    budget: BudgetOpt = None,
+    preset: PresetOpt = None,
+    option: OptionOpt = None,
+    query_aware: QueryAwareOpt = False,
+    chunk_size: ChunkOpt = None,
+    max_new_tokens: MaxNewOpt = None,
+    temperature: TempOpt = 0.0,
+    top_p: TopPOpt = 1.0,
+    seed: SeedOpt = None,
+    truncate: TruncOpt = False,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    attn: AttnOpt = "auto",
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Answer questions about a document."""
+    from ..api import Sampler
+    from ..api.settings import resolve_settings
+
+    if query_aware and len(questions) != 1:
+        raise KvcliError("--query-aware needs exactly one question (the question must be known before prefill)")
+    sampler = Sampler(temperature=temperature, top_p=top_p, seed=seed)
+    settings = resolve_settings(preset=preset, method=method, budget=budget, chunk_size=chunk_size,
+                                options=parse_options(option))
+    ctx = prefill_document(document, settings, model, device, dtype, attn, truncate, quiet or as_json,
+                           question=questions[0] if query_aware else None)
+    results = []
+    for i, q in enumerate(questions):
+        if not as_json and len(questions) > 1:
+            emit(f"{'' if i == 0 else chr(10)}Q: {q}\nA: ")
+        ans = ctx.ask(q, max_new_tokens=max_new_tokens or defaults.ASK_MAX_NEW_TOKENS, sampler=sampler,
+                      on_text=None if as_json else emit)
+        if not as_json:
+            emit("\n")
+        results.append({"question": q, "answer": ans.text})
+    if as_json:
+        print(json.dumps({"answers": results, **ctx.report().as_dict()}, indent=2))

