@@ -263,7 +263,7 @@ def test_profile_picked_up_by_pod(tmp_path, monkeypatch):
     write_profile(path, cal.profile("tiny"))
     method = make_method("pod")
     Engine(model, method, Budget(ratio=1.0))  # attach chooses the blocks
-    assert method.blocks == [[0, 1], [2]]
+    assert method.chosen_blocks == [[0, 1], [2]]
     assert method.blocks_source == str(path)
 
 
@@ -305,7 +305,7 @@ def test_cli_writes_default_profile_that_pod_reads(cli, model_dir, words_doc, tm
     assert str(path) in res.out and "JSD" in res.out
     method = make_method("pod")
     Engine(lm.model, method, Budget(ratio=1.0))
-    assert method.blocks == data["blocks"] and method.blocks_source == str(path)
+    assert method.chosen_blocks == data["blocks"] and method.blocks_source == str(path)
 
 
 def test_cli_output_json_and_blocks(cli, model_dir, words_doc, tmp_path):

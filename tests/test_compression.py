@@ -40,7 +40,7 @@ def test_cache_bounded_by_budget_plus_chunk(shape, method, budget):
     meth = make_method(method)
     original = meth.compress
 
-    floor = meth.n_s + 1 if method.startswith("pod+") else 0  # PoD's sinks are never merged
+    floor = meth.n_sink + 1 if method.startswith("pod+") else 0  # PoD's sinks are never merged
 
     def checked(cache, bud):
         if cache.seen > chunk:  # before compressing: at most the last target plus one chunk

@@ -151,10 +151,13 @@ def test_validation_errors():
         runner.validate_methods(["nope"], ["0.5"])
     with pytest.raises(KvcliError, match="invalid budget"):
         runner.validate_methods(["h2o"], ["zero"])
-    with pytest.raises(KvcliError, match="METHOD.KEY=VALUE"):
-        runner.validate_methods(["h2o", "kvmerger"], ["0.5"], {"threshold": 0.8})
+    with pytest.raises(KvcliError, match="none of the chosen methods"):
+        runner.validate_methods(["h2o", "kvmerger"], ["0.5"], {"nonsense": 0.8})
     _, _, per = runner.validate_methods(["h2o", "kvmerger"], ["0.5"], {"kvmerger.threshold": 0.8, "n_sink": 2})
     assert per == {"h2o": {"n_sink": 2}, "kvmerger": {"threshold": 0.8, "n_sink": 2}}
+    # a plain key goes to the methods that have it: threshold is KVMerger's only
+    _, _, per = runner.validate_methods(["h2o", "kvmerger"], ["0.5"], {"threshold": 0.8})
+    assert per == {"h2o": {}, "kvmerger": {"threshold": 0.8}}
     assert cli_eval.parse_lengths("2K,4096") == [2048, 4096]
     with pytest.raises(KvcliError):
         cli_eval.parse_lengths("2x")

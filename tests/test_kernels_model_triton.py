@@ -27,7 +27,7 @@ pytestmark = pytest.mark.skipif(not triton_available(), reason="needs triton and
 # The interpreter runs on CPU tensors; with TRITON_INTERPRET=0 on a GPU machine, the same tests run on CUDA.
 DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
 
-POD = dict(n_s=4, n_r_min=8, n_r_ratio=0.1)  # small enough that a 40-token prompt has distant entries
+POD = dict(n_sink=4, recent_min=8, recent=0.1)  # small enough that a 40-token prompt has distant entries
 CASES = [
     ("full", {}, 1.0),
     ("kvmerger", {}, 0.5),

@@ -23,7 +23,7 @@ from conftest import IdTokenizer, sharpen, tiny_gemma3, tiny_llama
 POD_METHODS = ["pod", "pod+kvmerger", "pod+snapkv"]
 # A proximal window far shorter than the document: 4 sinks, a recent window of
 # max(8, ceil(0.05 x seen)) positions (10 after 200 tokens).
-SMALL = dict(n_s=4, n_r_min=8, n_r_ratio=0.05)
+SMALL = dict(n_sink=4, recent_min=8, recent=0.05)
 DOC, CHUNK = 200, 16
 N_S, N_R = 4, 10  # n_r = max(8, ceil(0.05 * 200))
 
@@ -90,7 +90,7 @@ def reference_tokens(model, prompt: torch.Tensor, n: int) -> list[int]:
 @pytest.mark.parametrize("method", POD_METHODS)
 @pytest.mark.parametrize("chunk", [1, 16, 37])
 def test_pod_within_the_proximal_window_equals_the_full_cache(models, shape, method, chunk):
-    """Document (61 tokens) + answer shorter than n_r_min (256): every entry is proximal, so
+    """Document (61 tokens) + answer shorter than recent_min (256): every entry is proximal, so
     members attend with their own keys only and greedy tokens equal ``generate()``."""
     model = models[shape]
     prompt = doc_ids(61, seed=1)
@@ -275,12 +275,12 @@ def test_members_hold_no_distant_keys(models, shape, method):
 @pytest.mark.parametrize("shape", list(MODELS))
 @pytest.mark.parametrize("method", POD_METHODS)
 @pytest.mark.parametrize("budget", ["0.5", "0.97", "40", "1.0"])
-@pytest.mark.parametrize("options", [SMALL, dict(SMALL, block_size=3, n_s=20), dict(n_s=4, n_r_min=64, n_r_ratio=0.0)],
+@pytest.mark.parametrize("options", [SMALL, dict(SMALL, block_size=3, n_sink=20), dict(n_sink=4, recent_min=64, recent=0.0)],
                          ids=["pairs", "triples", "wide"])
 def test_estimate_equals_measured_bytes_beyond_the_proximal_window(models, shape, method, budget, options):
-    """The estimate replays PoD's windows, not only within n_r_min (tests/test_profile.py):
+    """The estimate replays PoD's windows, not only within recent_min (tests/test_profile.py):
     0.97 at chunk 16 leaves some chunks within budget after a compression, where the recent
-    window is not squeezed ("wide": wider than the members' tail then); n_s=20 exceeds a chunk."""
+    window is not squeezed ("wide": wider than the members' tail then); n_sink=20 exceeds a chunk."""
     ctx = prefill(models[shape], doc_ids(), method, budget=budget, options=options)
     rep, stats = ctx.report(), ctx.engine.stats
     est = estimate_kv_bytes(models[shape].config, DOC, method, budget, "float32", chunk_size=CHUNK,
@@ -370,9 +370,9 @@ def test_checkpoint_before_any_forward(models):
 @pytest.mark.parametrize("options,match", [
     (dict(block_size=0), "block_size"),
     (dict(block_size="two"), "integer"),
-    (dict(n_s=-1), "n_s"),
-    (dict(n_r_ratio=1.5), "n_r_ratio"),
-    (dict(n_r_min=-3), "n_r_min"),
+    (dict(n_sink=-1), "n_sink"),
+    (dict(recent=1.5), "recent"),
+    (dict(recent_min=-3), "recent_min"),
     (dict(blocks=[[0, 1], [2]]), "partition"),  # layer 3 missing
     (dict(blocks=[[0, 1], [1, 2, 3]]), "partition"),  # layer 1 twice
     (dict(blocks=[[0, 1], [2, 3, 4]]), "partition"),  # no layer 4
@@ -401,4 +401,4 @@ def test_blocks_must_be_growing_layers_and_estimates_check_them_too(models, tmp_
     good = tmp_path / "good.json"
     good.write_text('{"blocks": [[1], [3, 5]]}')
     ctx = prefill(models["gemma3"], doc_ids(40), "pod", options=dict(profile=str(good)))
-    assert ctx.engine.method.blocks == [[1], [3, 5]] and [m.layer_idx for m in members(ctx.engine.cache)] == [5]
+    assert ctx.engine.method.chosen_blocks == [[1], [3, 5]] and [m.layer_idx for m in members(ctx.engine.cache)] == [5]

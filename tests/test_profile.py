@@ -55,7 +55,7 @@ def test_profile_kv_bytes_are_the_cache_tensors(models, method):
     assert row.ttft_seconds > 0 and row.prefill_tokens_per_second > 0 and row.decode_tokens_per_second > 0
     assert row.peak_rss_bytes >= row.rss_baseline_bytes > 0
     assert row.cuda_peak_bytes is None  # CPU
-    if method != "full" and not method.startswith("pod"):  # PoD keeps all of a doc shorter than n_r_min
+    if method != "full" and not method.startswith("pod"):  # PoD keeps all of a doc shorter than recent_min
         assert row.kv_bytes < row.kv_bytes_full
 
 

@@ -158,7 +158,7 @@ class Context:
         rep = stats.report or self.engine.cache.report(self.lm.dtype)
         return PrefillReport(
             model=self.lm.name,
-            method=self.engine.method.name,
+            method=self.engine.method.label,
             method_options=self.engine.method.options(),
             budget=str(self.engine.budget),
             context_tokens=self.context_tokens,

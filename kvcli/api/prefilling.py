@@ -13,7 +13,7 @@ from ..core.errors import KvcliError
 from ..core.prompts import choose_template
 from ..engine.engine import Engine, check_chunk_size
 from ..engine.models import LoadedModel
-from ..methods import make_method
+from ..methods import Method, make_method
 from .context import Context
 
 
@@ -37,7 +37,7 @@ def open_document(path: str) -> Document:
 def prefill(
     lm: LoadedModel,
     document: Document | str | list[int] | torch.Tensor,
-    method: str = "full",
+    method: str | Method = defaults.METHOD,
     budget: Budget | float | str = 1.0,
     chunk_size: int = defaults.CHUNK_SIZE,
     question: str | None = None,
@@ -49,14 +49,22 @@ def prefill(
 ) -> Context:
     """Stream a document through the model into a compressed cache.
 
-    ``question``: when given (a single question known before prefill), query-aware methods
+    ``method``: a name (with ``method_options``: ``KEY`` / ``METHOD.KEY``, see
+    ``kvcli.methods.registry``) or a ``Method`` object, used as it is (it holds this run's
+    state afterwards).  ``question``: when given (a single question known before prefill), query-aware methods
     score entries by the attention this question pays them.  ``raw``: the document is
     already token ids; no template is applied (used by tests against ``generate()``).
     """
     if not isinstance(budget, Budget):
         budget = parse_budget(budget)
     check_chunk_size(chunk_size)
-    meth = make_method(method, **(method_options or {}))
+    if isinstance(method, Method):
+        if method_options:
+            raise KvcliError("method_options apply to a method given by name; a Method object holds its own options",
+                             option="method_options")
+        meth = method
+    else:
+        meth = make_method(method, **(method_options or {}))
     template = choose_template(lm.tokenizer, lm.is_base)
     tok = lm.tokenizer
     if raw:

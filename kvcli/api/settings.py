@@ -17,7 +17,7 @@ from ..core import defaults
 from ..core.budget import Budget, parse_budget
 from ..core.errors import KvcliError
 from ..engine.engine import check_chunk_size
-from ..methods import make_method, method_names
+from ..methods import make_method, method_names, normalize_options, split_options
 
 KEYS = {"description", "method", "budget", "chunk_size", "options"}
 
@@ -76,8 +76,8 @@ def load_preset(ref: str) -> Settings:
     opts = data.get("options") or {}
     if not isinstance(opts, dict):
         raise KvcliError(f"preset {path}: key 'options': expected a mapping")
-    s.options = dict(opts)
     try:
+        s.options = normalize_options(s.method, opts)
         make_method(s.method, **s.options)
     except KvcliError as exc:
         raise KvcliError(f"preset {path}: key 'options': {exc}") from None
@@ -86,9 +86,14 @@ def load_preset(ref: str) -> Settings:
 
 def resolve_settings(preset: str | None = None, method: str | None = None, budget: str | float | Budget | None = None,
                      chunk_size: int | None = None, options: dict | None = None) -> Settings:
-    """Preset values first, then explicit settings on top; validated before any model loads."""
+    """Preset values first, then explicit settings on top; validated before any model loads.
+
+    ``options``: ``KEY`` / ``METHOD.KEY`` entries (``-o``), as every command reads them
+    (``kvcli.methods.split_options``); they override the preset's for the same option."""
     s = load_preset(preset) if preset else Settings()
     if method is not None and method != s.method:
+        if method not in method_names():
+            make_method(method)  # the one-line "unknown method" error
         s.method = method
         s.options = {}  # a preset's options belong to its own method
     if budget is not None:
@@ -96,8 +101,8 @@ def resolve_settings(preset: str | None = None, method: str | None = None, budge
     if chunk_size is not None:
         check_chunk_size(chunk_size)
         s.chunk_size = chunk_size
-    s.options.update(options or {})
-    make_method(s.method, **s.options)  # unknown method or option: clear error now
+    s.options.update(normalize_options(s.method, split_options(options or {}, [s.method])[s.method]))
+    make_method(s.method, **s.options)  # a bad option: a clear error now
     return s
 
 

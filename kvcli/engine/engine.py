@@ -74,8 +74,7 @@ class Engine:
         )
         self.last_logits: torch.Tensor | None = None
         self.stats = PrefillStats()
-        if hasattr(method, "attach"):
-            method.attach(self.cache, self.state)
+        method.attach(self.cache, self.state)
         for layer in self.cache.layers:  # PoD members: keys read in place by the Triton PoD kernel
             if isinstance(layer, SharedKeyLayer):
                 layer.split_keys = uses_pod_kernel(backend)

@@ -1,37 +1,99 @@
-"""The one interface every compression method implements.
+"""The one interface every compression method implements, and the checks its options share.
 
-A method decides what a growing layer keeps or merges; it never allocates cache storage
-itself: it rewrites a layer through ``GrowingLayer.gather`` (eviction) or
-``GrowingLayer.assign`` (merging).  ``compress`` runs after every prefill chunk.
+A method is a small dataclass: its fields are its options (``options()`` reads them), each
+checked in ``__post_init__`` with a one-line ``KvcliError`` naming the option, so a bad
+option fails when the method is made, before any model loads.  It decides what a growing
+layer keeps or merges; it never allocates cache storage itself: it rewrites a layer
+through ``GrowingLayer.gather`` (eviction) or ``GrowingLayer.assign`` (merging).
+``compress`` runs after every prefill chunk.  The optional hooks (``attach``,
+``estimate_layers``) are declared here with defaults that do nothing.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+import math
+import operator
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar
 
 import torch
 
-from ..core.budget import Budget
+from ..attention import RunState
 from ..cache import GrowingLayer, KVCache
+from ..cache.sizing import CacheShape, EstimateStep, LayerEstimate
+from ..core import defaults
+from ..core.budget import Budget
+from ..core.errors import KvcliError
+
+#: ``field`` metadata of a dataclass field that is not an option (state, or an inner method).
+NOT_AN_OPTION = {"option": False}
 
 
+def state(default_factory: Any) -> Any:
+    """A field for what a method learns while it runs (not an option, not compared)."""
+    return field(init=False, repr=False, compare=False, default_factory=default_factory, metadata=NOT_AN_OPTION)
+
+
+@dataclass
 class Method:
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
-    needs_scores: ClassVar[bool] = False  # attention statistics from the observation window
-    count_bias: ClassVar[bool] = False  # add log(count) to merged entries' logits
-    uses_budget: bool = True  # False: the method's saving is structural (plain PoD); --budget is ignored
-    stores_counts: ClassVar[bool] = False  # entries may stand for several tokens (merging)
+    compresses: ClassVar[bool] = True  # False: keeps everything (the full cache)
 
-    def __init__(self, n_sink: int = 4, **options) -> None:
-        if options:
-            raise TypeError(f"unknown option(s) for {self.name}: {', '.join(sorted(options))}")
-        self.n_sink = n_sink
+    n_sink: int = defaults.N_SINK
+
+    def __post_init__(self) -> None:
+        self.n_sink = integer(self, "n_sink", self.n_sink, minimum=0)
+
+    # ---- what the engine and the estimate ask -------------------------------------------
+    @property
+    def label(self) -> str:
+        """The name reports use (``pod+kvmerger`` for a composite)."""
+        return self.name
+
+    @property
+    def needs_scores(self) -> bool:
+        """Attention statistics from the observation window (the cache collects them)."""
+        return False
+
+    @property
+    def count_bias(self) -> bool:
+        """Add log(count) to merged entries' logits."""
+        return False
+
+    @property
+    def stores_counts(self) -> bool:
+        """Entries may stand for several tokens (merging)."""
+        return False
+
+    @property
+    def uses_budget(self) -> bool:
+        """False: the saving is structural (plain PoD) and the token budget does not apply."""
+        return True
+
+    @classmethod
+    def option_names(cls) -> list[str]:
+        return [f.name for f in fields(cls) if f.metadata.get("option", True)]
 
     def options(self) -> dict:
         """The method's settings, as reported in ``--json``."""
-        return {"n_sink": self.n_sink}
+        return {name: getattr(self, name) for name in self.option_names()}
 
+    # ---- hooks ------------------------------------------------------------------------------
+    def attach(self, cache: KVCache, state: RunState) -> None:
+        """Called once when a run starts, before the first forward (e.g. to swap layer storage)."""
+        return None
+
+    def estimate_layers(self, shape: CacheShape, step: EstimateStep,
+                        default: list[LayerEstimate]) -> list[LayerEstimate]:
+        """Per-layer bytes at one moment of a prefill, for ``kvcli profile --estimate``.
+
+        ``default`` prices layers that only evict or merge within themselves; a method whose
+        storage differs returns its own.  Called on one fresh instance for every moment in
+        order, so it may keep state between calls."""
+        return default
+
+    # ---- after every chunk --------------------------------------------------------------------
     def compress(self, cache: KVCache, budget: Budget) -> None:
         target = budget.target(cache.seen)
         for layer in cache.growing_layers:
@@ -42,6 +104,51 @@ class Method:
         raise NotImplementedError
 
 
+# ---- option checks (one line each, naming the method and the option) ----------------------------
+def _bad(method: Method, name: str, want: str, value: Any) -> KvcliError:
+    return KvcliError(f"{method.name}: option {name} must be {want}, got {value!r}")
+
+
+def integer(method: Method, name: str, value: Any, minimum: int | None = None) -> int:
+    """An integer option: ints, and floats without a fraction (``16.0``); never bools or text."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool):
+        raise _bad(method, name, "an integer", value)
+    try:
+        out = operator.index(value)
+    except TypeError:
+        raise _bad(method, name, "an integer", value) from None
+    if minimum is not None and out < minimum:
+        raise _bad(method, name, f"an integer >= {minimum}", value)
+    return out
+
+
+def number(method: Method, name: str, value: Any, low: float | None = None, high: float | None = None,
+           positive: bool = False) -> float:
+    """A real-number option in ``[low, high]`` (``positive``: above 0)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise _bad(method, name, "a number", value)
+    out = float(value)
+    if positive and not out > 0:
+        raise _bad(method, name, "a positive number", value)
+    if (low is not None and out < low) or (high is not None and out > high):
+        raise _bad(method, name, f"a number in [{low:g}, {high:g}]", value)
+    return out
+
+
+def fraction(method: Method, name: str, value: Any) -> float:
+    """A share in [0, 1] (of the budget, or of the tokens seen)."""
+    return number(method, name, value, 0.0, 1.0)
+
+
+def choice(method: Method, name: str, value: Any, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise _bad(method, name, " or ".join(repr(c) for c in choices), value)
+    return str(value)
+
+
+# ---- shared selection -----------------------------------------------------------------------------
 def protected_scores(scores: torch.Tensor, n_sink: int, n_recent: int) -> torch.Tensor:
     """Scores with sinks and the recent window set to +inf so top-k always keeps them."""
     scores = scores.clone()

@@ -1,33 +1,45 @@
 """``cam``: Cache Merging (CaM, ICML 2024).
 
-Entries are evicted H2O-style (accumulated attention, half recent window); an evicted
-entry's value is not dropped but merged into the values of the next kept entries: scaled
+Entries are evicted H2O-style (accumulated attention, a ``recent`` share of the budget kept
+as the recent window, half by default); an evicted entry's value is not dropped but merged
+into the values of the next kept entries: scaled
 by p = clamp(score / mean score of the recent window, 0, 1) and spread evenly over the
 next ``spread`` kept entries (32 in the official code).  Keys are not merged.  Vectorized
 with a difference array over kept-entry order (no loop per token).
 """
 
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 
-from .base import Method, keep_top
+from ..cache import GrowingLayer
+from .base import Method, fraction, integer, keep_top
 
 
+@dataclass
 class CaM(Method):
-    name = "cam"
-    description = "CaM: H2O eviction, evicted values merged into next kept entries"
-    needs_scores = True
+    name: ClassVar[str] = "cam"
+    description: ClassVar[str] = "CaM: H2O eviction, evicted values merged into next kept entries"
 
-    def __init__(self, recent_ratio: float = 0.5, spread: int = 32, **kw) -> None:
-        super().__init__(**kw)
-        self.recent_ratio, self.spread = recent_ratio, spread
+    recent: float = 0.5  # share of the budget kept as the recent window
+    spread: int = 32  # kept entries an evicted value is spread over
 
-    def options(self) -> dict:
-        return {**super().options(), "recent_ratio": self.recent_ratio, "spread": self.spread}
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.recent = fraction(self, "recent", self.recent)
+        self.spread = integer(self, "spread", self.spread, minimum=1)
 
-    def compress_layer(self, layer, target: int) -> None:
+    @property
+    def needs_scores(self) -> bool:
+        return True
+
+    def compress_layer(self, layer: GrowingLayer, target: int) -> None:
         scores = layer.valid("scores")
         b, h, n = scores.shape
-        n_recent = max(1, int(target * self.recent_ratio))
+        n_recent = max(1, int(target * self.recent))
         keep = keep_top(scores, target, self.n_sink, n_recent)
         kept = torch.zeros((b, h, n), dtype=torch.bool, device=scores.device)
         kept.scatter_(2, keep, True)

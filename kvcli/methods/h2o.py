@@ -1,25 +1,35 @@
 """``h2o``: Heavy-Hitter Oracle.
 
 Score = attention each entry has received, accumulated over the observation windows of all
-chunks so far (a bounded stand-in for "all queries": see attention.py).  Keeps half the
-budget as a recent window and the top-scored entries for the rest, per KV head.
+chunks so far (a bounded stand-in for "all queries": see ``kvcli.attention.function``).
+Keeps a recent window (``recent`` x budget, half by default) and the top-scored entries for
+the rest, per KV head.
 """
 
-from .base import Method, keep_top
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from ..cache import GrowingLayer
+from .base import Method, fraction, keep_top
 
 
+@dataclass
 class H2O(Method):
-    name = "h2o"
-    description = "H2O: heavy hitters (accumulated attention) + recent window"
-    needs_scores = True
+    name: ClassVar[str] = "h2o"
+    description: ClassVar[str] = "H2O: heavy hitters (accumulated attention) + recent window"
 
-    def __init__(self, recent_ratio: float = 0.5, **kw) -> None:
-        super().__init__(**kw)
-        self.recent_ratio = recent_ratio
+    recent: float = 0.5  # share of the budget kept as the recent window
 
-    def options(self) -> dict:
-        return {**super().options(), "recent_ratio": self.recent_ratio}
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.recent = fraction(self, "recent", self.recent)
 
-    def compress_layer(self, layer, target: int) -> None:
-        n_recent = int(target * self.recent_ratio)
+    @property
+    def needs_scores(self) -> bool:
+        return True
+
+    def compress_layer(self, layer: GrowingLayer, target: int) -> None:
+        n_recent = int(target * self.recent)
         layer.gather(keep_top(layer.valid("scores"), target, self.n_sink, n_recent))

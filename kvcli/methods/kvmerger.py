@@ -33,40 +33,52 @@ Choices where the paper is unclear (written down, measured in the README):
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 
 from ..attention.backends import adjacent_similarity, merge_sets
+from ..cache import GrowingLayer
 from ..core.errors import KvcliError
-from .base import Method
+from .base import Method, choice, fraction, number
 
 
+@dataclass
 class KVMerger(Method):
-    name = "kvmerger"
-    description = "KVMerger: merge similar neighbouring keys (Gaussian-kernel weights)"
-    needs_scores = True
-    stores_counts = True
+    name: ClassVar[str] = "kvmerger"
+    description: ClassVar[str] = "KVMerger: merge similar neighbouring keys (Gaussian-kernel weights)"
 
-    def __init__(self, threshold: float = 0.75, sigma: float = 5.0, recent: float = 0.3, heavy: float = 0.1,
-                 value_mode: str = "bias", fallback: str = "merge", **kw) -> None:
-        super().__init__(**kw)
-        if not -1.0 <= float(threshold) <= 1.0:
-            raise KvcliError(f"kvmerger: threshold must be a cosine similarity in [-1, 1], got {threshold}")
-        if not float(sigma) > 0:
-            raise KvcliError(f"kvmerger: sigma must be positive, got {sigma}")
-        if not (0 <= float(recent) <= 1 and 0 <= float(heavy) <= 1 and float(recent) + float(heavy) <= 1):
-            raise KvcliError(f"kvmerger: recent and heavy are fractions of the budget in [0, 1] with sum <= 1, got {recent}, {heavy}")
-        if value_mode not in ("bias", "scale"):
-            raise KvcliError(f"kvmerger: value_mode must be 'bias' or 'scale', got {value_mode!r}")
-        if fallback not in ("evict", "merge"):
-            raise KvcliError(f"kvmerger: fallback must be 'evict' or 'merge', got {fallback!r}")
-        self.fallback = fallback
-        self.threshold, self.sigma = float(threshold), float(sigma)
-        self.recent, self.heavy, self.value_mode = float(recent), float(heavy), value_mode
-        self.count_bias = value_mode == "bias"
+    threshold: float = 0.75  # cosine similarity that joins neighbours into a merging set
+    sigma: float = 5.0  # Gaussian kernel width of the merge weights
+    recent: float = 0.3  # share of the budget kept as the recent window
+    heavy: float = 0.1  # share of the budget kept as heavy hitters
+    value_mode: str = "bias"  # "bias" (log-count logit bias) or "scale" (the paper's value x |S|)
+    fallback: str = "merge"  # too few similar pairs: "merge" the most similar anyway, or "evict"
 
-    def options(self) -> dict:
-        return {**super().options(), "threshold": self.threshold, "sigma": self.sigma, "recent": self.recent,
-                "heavy": self.heavy, "value_mode": self.value_mode, "fallback": self.fallback}
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.threshold = number(self, "threshold", self.threshold, -1.0, 1.0)
+        self.sigma = number(self, "sigma", self.sigma, positive=True)
+        self.recent = fraction(self, "recent", self.recent)
+        self.heavy = fraction(self, "heavy", self.heavy)
+        if self.recent + self.heavy > 1:
+            raise KvcliError(f"kvmerger: options recent and heavy are shares of the budget with a sum <= 1, "
+                             f"got {self.recent} + {self.heavy}")
+        self.value_mode = choice(self, "value_mode", self.value_mode, ("bias", "scale"))
+        self.fallback = choice(self, "fallback", self.fallback, ("merge", "evict"))
+
+    @property
+    def needs_scores(self) -> bool:
+        return True
+
+    @property
+    def count_bias(self) -> bool:
+        return self.value_mode == "bias"
+
+    @property
+    def stores_counts(self) -> bool:
+        return True
 
     # ---- the three steps -------------------------------------------------------------
     def protected(self, scores: torch.Tensor, target: int) -> torch.Tensor:
@@ -117,7 +129,7 @@ class KVMerger(Method):
         return torch.full((b, n_sets), n, dtype=torch.long, device=scores.device).scatter_reduce(
             1, set_ids, cand, reduce="amin", include_self=True)
 
-    def compress_layer(self, layer, target: int) -> None:
+    def compress_layer(self, layer: GrowingLayer, target: int) -> None:
         keys, values = layer.valid("keys"), layer.valid("values")
         b, h, n, d = keys.shape
         if b != 1:

@@ -1,6 +1,6 @@
 """``pod``: Proximal tokens over Distant tokens (Ma et al., 2412.02252), training-free.
 
-Proximal entries (the first ``n_s`` and those within the most recent ``n_r`` positions)
+Proximal entries (the first ``n_sink`` and those within the most recent ``n_r`` positions)
 keep their full KV in every layer.  The growing layers are grouped into blocks of
 consecutive growing layers; only a block's first layer (the anchor) stores keys of distant
 entries; every other layer of the block stores its own values for all entries and its own
@@ -9,11 +9,11 @@ over its own proximal keys and the anchor's distant keys, with its own values.
 
 Choices (the paper leaves these to its training setup):
 
-* ``n_r`` scales with the context: ``max(n_r_min, n_r_ratio x tokens seen)`` (paper: 4080
-  of 32K = 12.5%), ``n_s = 16`` as in the paper.
+* ``n_r`` scales with the context: ``max(recent_min, recent x tokens seen)`` (paper: 4080
+  of 32K = 12.5%), ``n_sink = 16`` as in the paper (its ``n_s``).
 * Plain ``pod`` keeps every token, so ``--budget`` does not apply to it.  ``pod+X`` holds
-  the budget exactly: when the budget is smaller than ``n_s + n_r`` the recent window
-  shrinks to fit (the first ``n_s`` entries are never merged, so the floor is ``n_s + 1``).
+  the budget exactly: when the budget is smaller than ``n_sink + n_r`` the recent window
+  shrinks to fit (the first ``n_sink`` entries are never merged, so the floor is ``n_sink + 1``).
 * Blocks: ``block_size`` consecutive growing layers (default 2), or explicit ``blocks``,
   or a calibration profile written by ``kvcli calibrate`` (picked up automatically for the
   same model), which groups layers whose distant-token attention is similar (JSD).
@@ -29,33 +29,30 @@ from __future__ import annotations
 import json
 import math
 import operator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any, ClassVar
 
 import torch
 
+from ..attention import RunState
 from ..cache import Clock, GrowingLayer, KVCache, SharedKeyLayer
-from ..cache.sizing import growing_layer
+from ..cache.sizing import CacheShape, EstimateStep, LayerEstimate, growing_layer
+from ..core import defaults
+from ..core.budget import Budget
 from ..core.errors import KvcliError
 from ..core.fileio import cache_dir
-from .base import Method
+from .base import NOT_AN_OPTION, Method, fraction, integer, state
 
 
-def calibration_path(config) -> Path:
+def calibration_path(config: Any) -> Path:
     """Where ``kvcli calibrate`` stores the grouping profile for a model."""
     name = str(getattr(config, "_name_or_path", "") or getattr(config, "model_type", "model"))
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name.strip("/"))[-120:] or "model"
     return cache_dir() / "calibration" / f"{safe}.json"
 
 
-def _integer(value) -> int:
-    """An integer option: ints, and floats without a fraction (``16.0``); TypeError otherwise."""
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    return operator.index(value)
-
-
-def _block_lists(blocks, where: str) -> list[list[int]]:
+def _block_lists(blocks: Any, where: str) -> list[list[int]]:
     """``blocks`` as lists of layer indices, or a one-line error (whether they partition the
     growing layers is checked once the model is known, in ``PoD.choose_blocks``)."""
     try:
@@ -81,57 +78,71 @@ class _BlockCounts:
     tail: int = 0
     compressed: bool = False
 
-    def forward(self, chunk: int, n_s: int) -> None:
+    def forward(self, chunk: int, n_sink: int) -> None:
         """``SharedKeyLayer.update``: the head fills first, while the tail is empty."""
-        take = min(chunk, max(0, n_s - self.head)) if self.tail == 0 else 0
+        take = min(chunk, max(0, n_sink - self.head)) if self.tail == 0 else 0
         self.entries += chunk
         self.head += take
         self.tail += chunk - take
 
 
+@dataclass
 class PoD(Method):
-    name = "pod"
-    description = "PoD: full KV for proximal tokens, distant keys shared across layers"
+    name: ClassVar[str] = "pod"
+    description: ClassVar[str] = "PoD: full KV for proximal tokens, distant keys shared across layers"
 
-    def __init__(self, n_s: int = 16, n_r_ratio: float = 0.125, n_r_min: int = 256, block_size: int = 2,
-                 blocks: list[list[int]] | None = None, profile: str | None = None, inner: Method | None = None,
-                 **kw) -> None:
-        super().__init__(n_sink=kw.pop("n_sink", 4), **kw)
-        try:
-            n_s, n_r_min, block_size = (_integer(v) for v in (n_s, n_r_min, block_size))
-            n_r_ratio = float(n_r_ratio)
-        except (TypeError, ValueError):
-            raise KvcliError(f"pod: n_s, n_r_min and block_size must be integers and n_r_ratio a number, got "
-                             f"n_s={n_s!r}, n_r_min={n_r_min!r}, block_size={block_size!r}, n_r_ratio={n_r_ratio!r}") from None
-        if n_s < 0 or not 0 <= n_r_ratio <= 1 or n_r_min < 0:
-            raise KvcliError("pod: n_s >= 0, n_r_ratio in [0, 1] and n_r_min >= 0 are required")
-        if block_size < 1:
-            raise KvcliError(f"pod: block_size must be >= 1, got {block_size}")
-        self.n_s, self.n_r_ratio, self.n_r_min, self.block_size = n_s, n_r_ratio, n_r_min, block_size
-        self.explicit_blocks = None if blocks is None else _block_lists(blocks, "option blocks")
-        self.profile = profile
-        self.inner = inner
-        self.needs_scores = bool(inner and inner.needs_scores)
-        self.count_bias = bool(inner and inner.count_bias)
-        self.stores_counts = bool(inner and inner.stores_counts)
-        self.uses_budget = inner is not None  # plain PoD keeps every token: its saving is the shared keys
-        self.blocks: list[list[int]] = []
-        self.blocks_source = ""
-        self._counts = _BlockCounts()  # estimate_layers' replay
-        if inner is not None:
-            self.name = f"pod+{inner.name}"
+    n_sink: int = defaults.POD_N_SINK  # first entries that are proximal (the paper's n_s)
+    recent: float = 0.125  # recent window as a share of the tokens seen ...
+    recent_min: int = 256  # ... and at least this many positions
+    block_size: int = 2  # consecutive growing layers per block (without blocks or a profile)
+    blocks: list[list[int]] | None = None  # explicit blocks of layer indices
+    profile: str | None = None  # a calibration profile (default: the model's, when ``kvcli calibrate`` wrote one)
+    inner: Method | None = field(default=None, metadata=NOT_AN_OPTION)  # pod+X: compresses distant entries further
+
+    chosen_blocks: list[list[int]] = state(list)  # the blocks in use (``attach`` / the first estimate moment)
+    blocks_source: str = state(str)
+    _counts: _BlockCounts = state(lambda: _BlockCounts())  # estimate_layers' replay
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.recent = fraction(self, "recent", self.recent)
+        self.recent_min = integer(self, "recent_min", self.recent_min, minimum=0)
+        self.block_size = integer(self, "block_size", self.block_size, minimum=1)
+        if self.blocks is not None:
+            self.blocks = _block_lists(self.blocks, "option blocks")
+        if self.profile is not None and not isinstance(self.profile, str):
+            raise KvcliError(f"pod: option profile must be a file name, got {self.profile!r}")
+
+    @property
+    def label(self) -> str:
+        return self.name if self.inner is None else f"{self.name}+{self.inner.name}"
+
+    @property
+    def needs_scores(self) -> bool:
+        return self.inner is not None and self.inner.needs_scores
+
+    @property
+    def count_bias(self) -> bool:
+        return self.inner is not None and self.inner.count_bias
+
+    @property
+    def stores_counts(self) -> bool:
+        return self.inner is not None and self.inner.stores_counts
+
+    @property
+    def uses_budget(self) -> bool:
+        return self.inner is not None  # plain PoD keeps every token: its saving is the shared keys
 
     def options(self) -> dict:
-        out = {"n_s": self.n_s, "n_r_ratio": self.n_r_ratio, "n_r_min": self.n_r_min, "blocks": self.blocks,
-               "blocks_source": self.blocks_source}
+        out = {**super().options(), "blocks": self.chosen_blocks, "blocks_source": self.blocks_source}
         if self.inner is not None:
             out["inner"] = self.inner.options()
         return out
 
     # ---- layer grouping -------------------------------------------------------------------
-    def choose_blocks(self, growing: list[int], config) -> list[list[int]]:
-        if self.explicit_blocks is not None:
-            blocks, self.blocks_source = self.explicit_blocks, "option"
+    def choose_blocks(self, growing: list[int], config: Any) -> list[list[int]]:
+        if self.blocks is not None:
+            blocks, self.blocks_source = self.blocks, "option"
         else:
             path = Path(self.profile) if self.profile else calibration_path(config)
             if path.is_file():
@@ -154,16 +165,16 @@ class PoD(Method):
                 raise KvcliError(f"pod: block {b} is not a run of consecutive growing layers {growing}")
         return blocks
 
-    def attach(self, cache: KVCache, state) -> None:
+    def attach(self, cache: KVCache, state: RunState) -> None:
         """Swap the non-anchor layers of each block for shared-key storage."""
-        self.blocks = self.choose_blocks(cache.growing_indices, cache.config_ref)
-        for block in self.blocks:
+        self.chosen_blocks = self.choose_blocks(cache.growing_indices, cache.config_ref)
+        for block in self.chosen_blocks:
             anchor = cache.layers[block[0]]
             for idx in block[1:]:
-                cache.layers[idx] = SharedKeyLayer.from_layer(cache.layers[idx], anchor, self.n_s)
+                cache.layers[idx] = SharedKeyLayer.from_layer(cache.layers[idx], anchor, self.n_sink)
 
     def recent_window(self, seen: int) -> int:
-        return max(self.n_r_min, math.ceil(self.n_r_ratio * seen))
+        return max(self.recent_min, math.ceil(self.recent * seen))
 
     def proximal_window(self, seen: int, target: int, length: int) -> tuple[int, bool]:
         """``(n_recent, squeeze)`` after ``seen`` tokens for a block whose layers hold
@@ -173,14 +184,14 @@ class PoD(Method):
         n_recent = self.recent_window(seen)
         squeeze = self.inner is not None and target < length
         if squeeze:
-            n_recent = max(0, min(n_recent, target - min(self.n_s, length) - 1))
+            n_recent = max(0, min(n_recent, target - min(self.n_sink, length) - 1))
         return n_recent, squeeze
 
     # ---- after every chunk ------------------------------------------------------------------
-    def compress(self, cache: KVCache, budget) -> None:
+    def compress(self, cache: KVCache, budget: Budget) -> None:
         seen = cache.seen
         target = budget.target(seen)
-        for block in self.blocks:
+        for block in self.chosen_blocks:
             anchor: GrowingLayer = cache.layers[block[0]]
             members: list[SharedKeyLayer] = [cache.layers[i] for i in block[1:]]
             n_recent, squeeze = self.proximal_window(seen, target, anchor.length)
@@ -194,7 +205,7 @@ class PoD(Method):
     def _compress_distant(self, anchor: GrowingLayer, members: list[SharedKeyLayer], horizon: int, target: int) -> None:
         pos = anchor.key_positions()
         n = anchor.length
-        n_head = min(self.n_s, n)
+        n_head = min(self.n_sink, n)
         n_tail = int((pos[0, 0] >= horizon).sum())
         n_dist = n - n_head - n_tail
         dist_target = target - n_head - n_tail
@@ -218,6 +229,7 @@ class PoD(Method):
             if all(p is not None for p in parts):
                 total = sum(p[:, :, sl].sum(1, keepdim=True) for p in parts)
                 setattr(temp, stat, total.expand(-1, temp.keys.shape[1], -1).contiguous())
+        assert self.inner is not None  # only pod+X squeezes
         self.inner.compress_layer(temp, dist_target)
 
         def join(mid: torch.Tensor | None, full: torch.Tensor | None) -> torch.Tensor | None:
@@ -240,26 +252,27 @@ class PoD(Method):
                 keys = (layer.head_keys, layer.tail_keys[:, :, layer.n_tail - n_tail :].clone())
             layer.assign(keys, **new)
 
-    def compress_layer(self, layer, target: int) -> None:  # PoD works per block (compress)
+    def compress_layer(self, layer: GrowingLayer, target: int) -> None:  # PoD works per block (compress)
         raise NotImplementedError
 
     # ---- memory estimate (``kvcli profile --estimate``) ---------------------------------------
-    def estimate_layers(self, shape, step, default: list) -> list:
-        """The ``kvcli.estimate`` hook: per-layer bytes at ``step``, replaying ``compress`` on
-        entry counts (called for every moment of one estimate, in order).  Anchors are growing
-        layers; members hold values and metadata for every entry, keys for head + tail only."""
+    def estimate_layers(self, shape: CacheShape, step: EstimateStep,
+                        default: list[LayerEstimate]) -> list[LayerEstimate]:
+        """Per-layer bytes at ``step``, replaying ``compress`` on entry counts (called for every
+        moment of one estimate, in order).  Anchors are growing layers; members hold values
+        and metadata for every entry, keys for head + tail only."""
         if step.seen == step.chunk and not step.compressed:  # first moment of this estimate
-            self.blocks = self.choose_blocks(shape.growing_indices, shape.config)
+            self.chosen_blocks = self.choose_blocks(shape.growing_indices, shape.config)
             self._counts = _BlockCounts()
         counts = self._counts
         if step.compressed:
             self._estimate_compress(counts, step.seen, step.budget.target(step.seen))
         else:
-            counts.forward(step.chunk, self.n_s)
-        stats = bool(self.needs_scores) and not step.budget.is_full
+            counts.forward(step.chunk, self.n_sink)
+        stats = self.needs_scores and not step.budget.is_full
         per_key = shape.kv_entry_bytes // 2  # one entry's keys (or values) over the KV heads
         out = list(default)
-        for block in self.blocks:
+        for block in self.chosen_blocks:
             for j, idx in enumerate(block):
                 layer = growing_layer(shape, idx, counts.entries, positions=counts.compressed,
                                       counts=counts.compressed and self.stores_counts, stats=stats)
@@ -267,14 +280,14 @@ class PoD(Method):
         return out
 
     def _estimate_compress(self, counts: _BlockCounts, seen: int, target: int) -> None:
-        """``compress`` on counts.  A squeeze rewrites a block holding more than ``n_s``
+        """``compress`` on counts.  A squeeze rewrites a block holding more than ``n_sink``
         entries to head + distant + recent window = ``target`` entries (at least one distant
         slot).  Members keep ``min(tail, n_recent)`` own keys: their tail is a run of entries
         never compressed, and the window grows by at most a chunk per step, so whenever
         ``n_recent`` is below the tail the anchor holds exactly ``n_recent`` entries at or
         after the horizon (above it, at least the tail: nothing is dropped)."""
         n_recent, squeeze = self.proximal_window(seen, target, counts.entries)
-        if squeeze and counts.entries > self.n_s:
-            counts.entries = max(target, self.n_s + 1)
+        if squeeze and counts.entries > self.n_sink:
+            counts.entries = max(target, self.n_sink + 1)
             counts.compressed = True
         counts.tail = min(counts.tail, n_recent)

@@ -1,29 +1,44 @@
 """``snapkv``: SnapKV.
 
 Score = attention from the observation window (the last queries of the latest chunk, or the
-user's question when query-aware), pooled over neighbouring positions (avg-pool, kernel 5)
-so kept entries carry their context, summed over the query heads of each KV group.  Keeps
-the observation window itself plus the top-scored entries, per KV head.
+user's question when query-aware), pooled over neighbouring positions (avg-pool, ``kernel``
+5) so kept entries carry their context, summed over the query heads of each KV group.  Keeps
+the last ``window`` entries plus the top-scored entries, per KV head.
 """
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch.nn.functional as F
 
-from .base import Method, keep_top
+from ..cache import GrowingLayer
+from ..core import defaults
+from ..core.errors import KvcliError
+from .base import Method, integer, keep_top
 
 
+@dataclass
 class SnapKV(Method):
-    name = "snapkv"
-    description = "SnapKV: observation-window attention, pooled, + window"
-    needs_scores = True
+    name: ClassVar[str] = "snapkv"
+    description: ClassVar[str] = "SnapKV: observation-window attention, pooled, + window"
 
-    def __init__(self, window: int = 64, kernel: int = 5, **kw) -> None:
-        super().__init__(**kw)
-        self.window, self.kernel = window, kernel
+    window: int = defaults.OBS_WINDOW  # most recent entries always kept
+    kernel: int = 5  # pooling width (odd, so the pool is centred)
 
-    def options(self) -> dict:
-        return {**super().options(), "window": self.window, "kernel": self.kernel}
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.window = integer(self, "window", self.window, minimum=0)
+        self.kernel = integer(self, "kernel", self.kernel)
+        if self.kernel < 1 or self.kernel % 2 == 0:
+            raise KvcliError(f"snapkv: option kernel must be an odd positive integer, got {self.kernel}")
 
-    def compress_layer(self, layer, target: int) -> None:
+    @property
+    def needs_scores(self) -> bool:
+        return True
+
+    def compress_layer(self, layer: GrowingLayer, target: int) -> None:
         obs = layer.valid("obs")
         b, h, n = obs.shape
         pooled = F.avg_pool1d(obs.reshape(b * h, 1, n), self.kernel, stride=1, padding=self.kernel // 2,

@@ -1,15 +1,22 @@
 """``streaming``: StreamingLLM, attention sinks plus the most recent tokens."""
 
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 
+from ..cache import GrowingLayer
 from .base import Method, keep_top
 
 
+@dataclass
 class StreamingLLM(Method):
-    name = "streaming"
-    description = "StreamingLLM: 4 sink tokens + recent window"
+    name: ClassVar[str] = "streaming"
+    description: ClassVar[str] = "StreamingLLM: 4 sink tokens + recent window"
 
-    def compress_layer(self, layer, target: int) -> None:
+    def compress_layer(self, layer: GrowingLayer, target: int) -> None:
         b, h = layer.keys.shape[:2]
         zeros = torch.zeros((b, h, layer.length), device=layer.keys.device)
         layer.gather(keep_top(zeros, target, self.n_sink, target))

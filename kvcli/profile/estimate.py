@@ -39,7 +39,6 @@ from ..engine.engine import check_chunk_size
 from ..engine.models import converted_model_dir
 from ..methods import make_method
 from ..methods.base import Method
-from ..methods.full import FullCache
 
 
 # ---- configuration ---------------------------------------------------------------------------
@@ -70,36 +69,28 @@ def load_config(ref: str | Path):
         return data
 
 
-def make_estimating_method(method, options: dict | None = None):
+def make_estimating_method(method: str | Method, options: dict | None = None) -> Method:
     """A fresh method instance (estimates may keep state on it) from a name or an instance."""
     if isinstance(method, str):
         return make_method(method, **dict(options or {}))
     return method
 
 
-def _compresses(meth) -> bool:
-    return not isinstance(meth, FullCache)
-
-
-def default_layers(shape: CacheShape, meth, step: EstimateStep) -> list[LayerEstimate]:
+def default_layers(shape: CacheShape, meth: Method, step: EstimateStep) -> list[LayerEstimate]:
     """Per-layer bytes at ``step`` for a method that only evicts/merges within each layer."""
-    stats = bool(meth.needs_scores) and not step.budget.is_full
+    stats = meth.needs_scores and not step.budget.is_full
     out = []
     for i, kind in enumerate(shape.layer_kinds):
         if kind == "sliding":
             out.append(window_layer(shape, i, step.seen))
         else:
             out.append(growing_layer(shape, i, step.length, positions=step.was_compressed,
-                                     counts=step.was_compressed and bool(meth.stores_counts), stats=stats))
+                                     counts=step.was_compressed and meth.stores_counts, stats=stats))
     return out
 
 
-def _layers(shape: CacheShape, meth, step: EstimateStep) -> list[LayerEstimate]:
-    layers = default_layers(shape, meth, step)
-    hook = getattr(meth, "estimate_layers", None)
-    if hook is not None:
-        layers = hook(shape, step, layers)
-    return layers
+def _layers(shape: CacheShape, meth: Method, step: EstimateStep) -> list[LayerEstimate]:
+    return meth.estimate_layers(shape, step, default_layers(shape, meth, step))
 
 
 @dataclass
@@ -153,7 +144,6 @@ def estimate_kv_bytes(config: Any, context_tokens: int, method: str | Method, bu
     if not meth.uses_budget:  # as the Engine: a structural saving only (plain PoD), no token budget
         budget = FULL
     shape = cache_shape(config, dtype)
-    compresses = _compresses(meth)
     base = EstimateStep(seen=0, chunk=0, chunk_size=chunk_size, budget=budget, options=dict(method_options or {}))
 
     seen = length = 0
@@ -168,7 +158,7 @@ def estimate_kv_bytes(config: Any, context_tokens: int, method: str | Method, bu
         before = replace(base, seen=seen, chunk=chunk, compressed=False, length=length, was_compressed=was_compressed)
         peak = max(peak, sum(layer.bytes for layer in _layers(shape, meth, before)))
         target = budget.target(seen)
-        if compresses and length > target:
+        if meth.compresses and length > target:
             length, was_compressed = target, True
         after = replace(before, compressed=True, length=length, was_compressed=was_compressed)
         layers = _layers(shape, meth, after)
@@ -178,7 +168,7 @@ def estimate_kv_bytes(config: Any, context_tokens: int, method: str | Method, bu
     full = full_bytes(shape, seen)
     growing = shape.growing_indices
     return Estimate(
-        method=meth.name, method_options=meth.options(), budget=str(budget),
+        method=meth.label, method_options=meth.options(), budget=str(budget),
         dtype=str(shape.dtype).removeprefix("torch."), context_tokens=context_tokens, chunk_size=chunk_size,
         kv_bytes=total, kv_bytes_full=full, kv_ratio=total / full if full else 1.0, compressed_layers=growing,
         kv_bytes_per_layer=[layers[i].bytes for i in growing], kv_bytes_all_layers=[layer.bytes for layer in layers],

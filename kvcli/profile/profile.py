@@ -48,6 +48,7 @@ from ..core.budget import Budget, parse_budget
 from ..core.documents import load_document
 from ..core.errors import KvcliError
 from ..engine.sampler import Sampler
+from ..methods import make_method
 from ..eval.tasks import generate_task
 
 QUESTION = defaults.PROFILE_QUESTION
@@ -246,7 +247,9 @@ def measure(lm: LoadedModel, document: Any, method: str, budget: str | Budget, c
         torch.cuda.synchronize(lm.device)
         torch.cuda.reset_peak_memory_stats(lm.device)
     mem = PeakMemory().start()
-    row = ProfileRow(method=method, budget="1" if method in ("full", "pod") else str(budget), model=lm.name,
+    meth = make_method(method, **(method_options or {}))
+    shown = str(budget) if meth.compresses and meth.uses_budget else "1"  # full and plain pod keep every token
+    row = ProfileRow(method=method, budget=shown, model=lm.name,
                      device=str(lm.device), dtype=str(lm.dtype).removeprefix("torch."), chunk_size=chunk_size,
                      rss_baseline_bytes=mem.baseline, rss_method=mem.method)
     trace_mem: list[dict] = []
@@ -267,8 +270,8 @@ def measure(lm: LoadedModel, document: Any, method: str, budget: str | Budget, c
         row.cuda_peak_bytes = torch.cuda.max_memory_allocated(lm.device) if cuda else None
 
     try:
-        ctx = prefill(lm, document, method=method, budget=budget, chunk_size=chunk_size, truncate=truncate,
-                          method_options=method_options, backend=backend, raw=raw, on_progress=cb)
+        ctx = prefill(lm, document, method=meth, budget=budget, chunk_size=chunk_size, truncate=truncate,
+                      backend=backend, raw=raw, on_progress=cb)
         rep = ctx.report()
         stats = ctx.engine.stats
         row.method_options, row.tokens, row.truncated_tokens = rep.method_options, rep.context_tokens, rep.truncated_tokens
