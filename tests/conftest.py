@@ -11,18 +11,29 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # TRITON_INTERPRET=0 in the environment runs them on a real GPU instead.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import io
+
 import pytest
 import torch
 import transformers
+from pypdf import PdfWriter
+from pypdf.generic import ContentStream, DecodedStreamObject, DictionaryObject, NameObject
 
 
 def tiny_llama(num_kv_heads: int = 2, layers: int = 2, vocab: int = 128, seed: int = 0):
     """Llama-shaped: 4 query heads, grouped-query attention (2 KV heads) or MQA (1)."""
     torch.manual_seed(seed)
     cfg = transformers.LlamaConfig(
-        vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=num_kv_heads, max_position_embeddings=4096,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=num_kv_heads,
+        max_position_embeddings=4096,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
     )
     return transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval()
 
@@ -31,10 +42,19 @@ def tiny_gemma3(layers: int = 4, window: int = 8, vocab: int = 128, seed: int = 
     """Gemma3-shaped: sliding-window layers with a full-attention layer every 2nd layer, MQA."""
     torch.manual_seed(seed)
     cfg = transformers.Gemma3TextConfig(
-        vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=1, head_dim=16, sliding_window=window,
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=16,
+        sliding_window=window,
         layer_types=["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(layers)],
-        max_position_embeddings=4096, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        max_position_embeddings=4096,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
         query_pre_attn_scalar=16,
     )
     return transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval()
@@ -62,12 +82,22 @@ def save_word_llama(path, layers: int = 2, prepare=lambda model: model):
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Whitespace()
     core.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
-    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>",
-                                               unk_token="<unk>", pad_token="<pad>")
+    tok = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
+    )
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
-                                   num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                                   max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    cfg = transformers.LlamaConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=3,
+    )
     prepare(transformers.AutoModelForCausalLM.from_config(cfg)).save_pretrained(path)
     tok.save_pretrained(path)
     return path
@@ -96,3 +126,30 @@ MODEL_FACTORIES = {
 @pytest.fixture(params=list(MODEL_FACTORIES))
 def tiny_model(request):
     return request.param, sharpen(MODEL_FACTORIES[request.param]())
+
+
+def make_pdf(pages: list[str], password: str | None = None) -> bytes:
+    """Build a PDF in memory; each string becomes one page of Helvetica text ('' = blank page)."""
+    writer = PdfWriter()
+    for text in pages:
+        page = writer.add_blank_page(612, 792)
+        if not text:
+            continue
+        font = DictionaryObject(
+            {
+                NameObject("/Type"): NameObject("/Font"),
+                NameObject("/Subtype"): NameObject("/Type1"),
+                NameObject("/BaseFont"): NameObject("/Helvetica"),
+            }
+        )
+        page[NameObject("/Resources")] = DictionaryObject(
+            {NameObject("/Font"): DictionaryObject({NameObject("/F1"): font})}
+        )
+        stream = DecodedStreamObject()
+        stream.set_data(f"BT /F1 12 Tf 72 720 Td ({text}) Tj ET".encode("latin-1"))
+        page.replace_contents(ContentStream(stream, writer))
+    if password is not None:
+        writer.encrypt(password)
+    out = io.BytesIO()
+    writer.write(out)
+    return out.getvalue()

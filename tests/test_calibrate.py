@@ -13,16 +13,16 @@ import json
 
 import pytest
 import torch
-import transformers
 
-from conftest import WORDS, IdTokenizer, save_word_llama, sharpen, tiny_gemma3, tiny_llama
 from kvcli import api
 from kvcli.core.budget import Budget
-from kvcli.profile.calibrate import LN2, calibrate, choose_blocks, jsd, measure, write_profile
-from kvcli.engine.engine import Engine
 from kvcli.core.errors import KvcliError
+from kvcli.engine.engine import Engine
 from kvcli.methods import make_method
 from kvcli.methods.pod import calibration_path
+from kvcli.profile.calibrate import LN2, calibrate, choose_blocks, jsd, measure, write_profile
+
+from conftest import WORDS, IdTokenizer, save_word_llama, sharpen, tiny_gemma3, tiny_llama
 from test_cli import assert_one_line_error, run_cli
 
 SMALL = {"queries": 16, "recent": 48, "sinks": 4}  # 200 tokens leave 148 distant keys
@@ -335,15 +335,18 @@ def test_cli_missing_file(cli, tmp_path):
     assert_one_line_error(cli("calibrate", missing), str(missing), "no such file")
 
 
-@pytest.mark.parametrize("args, needle", [
-    (("--max-block", "-1"), "--max-block"),
-    (("--blocks", "0"), "--blocks"),
-    (("--threshold", "-0.1"), "--threshold"),
-    (("--tokens", "0"), "--tokens"),
-    (("--queries", "64", "--recent", "32"), "--recent"),
-    (("--measure", "cosine"), "--measure"),
-    (("--heads", "some"), "--heads"),
-])
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (("--max-block", "-1"), "--max-block"),
+        (("--blocks", "0"), "--blocks"),
+        (("--threshold", "-0.1"), "--threshold"),
+        (("--tokens", "0"), "--tokens"),
+        (("--queries", "64", "--recent", "32"), "--recent"),
+        (("--measure", "cosine"), "--measure"),
+        (("--heads", "some"), "--heads"),
+    ],
+)
 def test_cli_bad_options(cli, words_doc, args, needle):
     assert_one_line_error(cli("calibrate", words_doc, *args), needle)
 
@@ -361,7 +364,17 @@ def test_cli_text_too_short(cli, model_dir, tmp_path):
 
 
 def test_cli_too_many_blocks(cli, model_dir, words_doc, tmp_path):
-    res = cli("calibrate", words_doc, "--model", model_dir, *TINY_FLAGS, "--blocks", "4", "--output",
-              tmp_path / "p.json", "--quiet")
+    res = cli(
+        "calibrate",
+        words_doc,
+        "--model",
+        model_dir,
+        *TINY_FLAGS,
+        "--blocks",
+        "4",
+        "--output",
+        tmp_path / "p.json",
+        "--quiet",
+    )
     assert_one_line_error(res, "--blocks 4", "3 full-attention layers")
     assert not (tmp_path / "p.json").exists()

@@ -10,7 +10,6 @@ Llama model directory written to ``tmp_path``.
 
 from __future__ import annotations
 
-import io
 import os
 import shutil
 import subprocess
@@ -22,8 +21,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import WORDS, save_word_llama
 from kvcli.cli.app import main
+
+from conftest import WORDS, make_pdf, save_word_llama
 
 # --------------------------------------------------------------------------- helpers
 
@@ -56,8 +56,14 @@ def cli_command() -> list[str]:
 
 def run_subprocess(args: list[str], env: dict | None = None, timeout: float = 120) -> tuple[Result, float]:
     t0 = time.perf_counter()
-    proc = subprocess.run([*cli_command(), *[str(a) for a in args]], capture_output=True, text=True,
-                          env=env, timeout=timeout, stdin=subprocess.DEVNULL)
+    proc = subprocess.run(
+        [*cli_command(), *[str(a) for a in args]],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
     return Result(proc.returncode, proc.stdout, proc.stderr), time.perf_counter() - t0
 
 
@@ -110,28 +116,9 @@ def test_binary_junk(cli, tmp_path):
     assert_one_line_error(cli("ask", path, "q"), str(path), "binary")
 
 
-def _pdf(text: str, password: str | None = None) -> bytes:
-    from pypdf import PdfWriter
-    from pypdf.generic import ContentStream, DecodedStreamObject, DictionaryObject, NameObject
-
-    writer = PdfWriter()
-    page = writer.add_blank_page(612, 792)
-    font = DictionaryObject({NameObject("/Type"): NameObject("/Font"), NameObject("/Subtype"): NameObject("/Type1"),
-                             NameObject("/BaseFont"): NameObject("/Helvetica")})
-    page[NameObject("/Resources")] = DictionaryObject({NameObject("/Font"): DictionaryObject({NameObject("/F1"): font})})
-    stream = DecodedStreamObject()
-    stream.set_data(f"BT /F1 12 Tf 72 720 Td ({text}) Tj ET".encode("latin-1"))
-    page.replace_contents(ContentStream(stream, writer))
-    if password is not None:
-        writer.encrypt(password)
-    out = io.BytesIO()
-    writer.write(out)
-    return out.getvalue()
-
-
 def test_encrypted_pdf(cli, tmp_path):
     path = tmp_path / "secret.pdf"
-    path.write_bytes(_pdf("Top secret harbour plans", password="hunter2"))
+    path.write_bytes(make_pdf(["Top secret harbour plans"], password="hunter2"))
     assert_one_line_error(cli("ask", path, "q"), str(path), "encrypted", "password")
 
 
@@ -143,7 +130,7 @@ def test_corrupt_pdf(cli, tmp_path):
 
 def test_truncated_pdf(cli, tmp_path):
     path = tmp_path / "cut.pdf"
-    data = _pdf("Half a document")
+    data = make_pdf(["Half a document"])
     path.write_bytes(data[: len(data) // 3])
     assert_one_line_error(cli("ask", path, "q"), str(path), "pdf")
 
@@ -228,13 +215,15 @@ def test_hub_id_not_cached_fails_fast(doc, tmp_path, missing_file_run):
     transformers, measured on a missing file) already takes over 10 s, it is that + 10 s.
     """
     startup = missing_file_run[2]
-    res, seconds = run_subprocess(["ask", doc, "q", "--model", "kvcli-test-org/definitely-not-cached"],
-                                  env=_clean_env(tmp_path))
+    res, seconds = run_subprocess(
+        ["ask", doc, "q", "--model", "kvcli-test-org/definitely-not-cached"], env=_clean_env(tmp_path)
+    )
     assert_one_line_error(res, "kvcli-test-org/definitely-not-cached", "cache")
     assert seconds < max(20.0, startup + 10.0), f"took {seconds:.1f} s to fail (startup alone {startup:.1f} s)"
 
 
 # --------------------------------------------------------------------------- too long for the model
+
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory) -> Path:

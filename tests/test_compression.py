@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from kvcli import api
-from kvcli.core.budget import parse_budget
 from kvcli.cache import GrowingLayer
+from kvcli.core.budget import parse_budget
 from kvcli.methods import method_names
+
 from conftest import IdTokenizer, sharpen, tiny_gemma3, tiny_llama
 
 # Token-budget methods; plain ``pod`` keeps every token (its saving is structural: tests in test_pod.py).
@@ -68,7 +69,7 @@ def test_cache_bounded_by_budget_plus_chunk(shape, method, budget):
     assert rep.kv_bytes == tensor_bytes(eng.cache)
     assert rep.kv_bytes < rep.kv_bytes_full
     # Layers that do not grow with the document keep their window untouched.
-    for i, layer in enumerate(eng.cache.layers):
+    for layer in eng.cache.layers:
         if not isinstance(layer, GrowingLayer):
             assert layer.keys.shape[2] == layer.sliding_window - 1
 

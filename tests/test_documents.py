@@ -6,36 +6,11 @@ import io
 from pathlib import Path
 
 import pytest
-from pypdf import PdfWriter
-from pypdf.generic import ContentStream, DecodedStreamObject, DictionaryObject, NameObject
 
 from kvcli.core.documents import Document, load_document, normalize
 from kvcli.core.errors import KvcliError
 
-
-def make_pdf(pages: list[str], password: str | None = None) -> bytes:
-    """Build a PDF in memory; each string becomes one page of Helvetica text ('' = blank page)."""
-    writer = PdfWriter()
-    for text in pages:
-        page = writer.add_blank_page(612, 792)
-        if not text:
-            continue
-        font = DictionaryObject({
-            NameObject("/Type"): NameObject("/Font"),
-            NameObject("/Subtype"): NameObject("/Type1"),
-            NameObject("/BaseFont"): NameObject("/Helvetica"),
-        })
-        page[NameObject("/Resources")] = DictionaryObject(
-            {NameObject("/Font"): DictionaryObject({NameObject("/F1"): font})}
-        )
-        stream = DecodedStreamObject()
-        stream.set_data(f"BT /F1 12 Tf 72 720 Td ({text}) Tj ET".encode("latin-1"))
-        page.replace_contents(ContentStream(stream, writer))
-    if password is not None:
-        writer.encrypt(password)
-    out = io.BytesIO()
-    writer.write(out)
-    return out.getvalue()
+from conftest import make_pdf
 
 
 def load_error(path, stdin=None) -> str:
@@ -121,14 +96,18 @@ HTML = """<!DOCTYPE html>
 def test_html_visible_text_only(tmp_path):
     doc = load_document(write(tmp_path, "page.html", HTML))
     assert doc.kind == "html"
-    for hidden in ("SCRIPT-CONTENT", "SCRIPT-TWO", "color: red", "Enable JavaScript",
-                   "hidden comment", "TEMPLATE-CONTENT", "charset"):
+    for hidden in (
+        "SCRIPT-CONTENT",
+        "SCRIPT-TWO",
+        "color: red",
+        "Enable JavaScript",
+        "hidden comment",
+        "TEMPLATE-CONTENT",
+        "charset",
+    ):
         assert hidden not in doc.text
     assert doc.text == (
-        "Main heading\n\n"
-        "First paragraph spans lines with bold text.\n\n"
-        "Second paragraph.\nAfter break.\n\n"
-        "one\ntwo"
+        "Main heading\n\nFirst paragraph spans lines with bold text.\n\nSecond paragraph.\nAfter break.\n\none\ntwo"
     )
 
 
@@ -185,7 +164,7 @@ def test_pdf_without_text(tmp_path):
 
 
 def test_stdin_text_via_buffer():
-    stream = io.TextIOWrapper(io.BytesIO("from stdin\r\nline 2\n".encode("utf-8")), encoding="utf-8")
+    stream = io.TextIOWrapper(io.BytesIO(b"from stdin\r\nline 2\n"), encoding="utf-8")
     doc = load_document("-", stdin=stream)
     assert (doc.source, doc.kind, doc.text) == ("stdin", "text", "from stdin\nline 2")
 

@@ -25,15 +25,25 @@ NEEDLE_KEY, NEEDLE_VALUE = "Harwick", "4829173"
 NEEDLE = f"The special magic number for {NEEDLE_KEY} is {NEEDLE_VALUE}."
 NEEDLE_QUESTION = f"What is the special magic number for {NEEDLE_KEY}?"
 
-REPORT_FIELDS = ("model", "method", "budget", "context_tokens", "kv_bytes", "kv_bytes_full", "peak_rss_bytes",
-                 "prefill_seconds", "decode_seconds")
+REPORT_FIELDS = (
+    "model",
+    "method",
+    "budget",
+    "context_tokens",
+    "kv_bytes",
+    "kv_bytes_full",
+    "peak_rss_bytes",
+    "prefill_seconds",
+    "decode_seconds",
+)
 
 
 def kvcli(*args, timeout: float = 600) -> subprocess.CompletedProcess:
     script = shutil.which("kvcli") or shutil.which("kvcli", path=str(Path(sys.executable).parent))
     cmd = [script] if script else [sys.executable, "-c", "from kvcli.cli.app import main; main()"]
-    return subprocess.run([*cmd, *[str(a) for a in args]], capture_output=True, text=True, timeout=timeout,
-                          stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        [*cmd, *[str(a) for a in args]], capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
+    )
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +51,8 @@ def haystack(tmp_path_factory) -> Path:
     """~2K tokens of generated prose with one planted fact at 40% depth."""
     from transformers import AutoTokenizer
 
-    from kvcli.eval.fillers import filler_sentences
     from kvcli.engine.models import embedded_model_dir
+    from kvcli.eval.fillers import filler_sentences
 
     tok = AutoTokenizer.from_pretrained(str(embedded_model_dir(quiet=True)))
     sentences, count = [], 0

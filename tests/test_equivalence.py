@@ -8,12 +8,13 @@ import torch
 
 from kvcli import api
 from kvcli.methods import method_names
+
 from conftest import IdTokenizer
 
 
 def reference_tokens(model, prompt: torch.Tensor, n: int) -> list[int]:
     out = model.generate(prompt, max_new_tokens=n, do_sample=False, min_new_tokens=n, pad_token_id=0)
-    return out[0, prompt.shape[1]:].tolist()
+    return out[0, prompt.shape[1] :].tolist()
 
 
 def kvcli_tokens(model, prompt, n, chunk, method="full"):

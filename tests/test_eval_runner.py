@@ -12,16 +12,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import IdTokenizer, tiny_gemma3, tiny_llama
 from kvcli import api
-from kvcli.core.errors import KvcliError
 from kvcli.cli import eval as cli_eval
+from kvcli.core.errors import KvcliError
 from kvcli.eval import runner
 from kvcli.eval.report import markdown_table, summarize, write_plots, write_results
 from kvcli.eval.rows import COLUMNS, EvalRow
 from kvcli.eval.runner import EvalItem, EvalSettings, question_items, run_eval, synthetic_items
 from kvcli.eval.tasks import generate_task
 from kvcli.methods import method_names
+
+from conftest import IdTokenizer, tiny_gemma3, tiny_llama
 
 
 @pytest.fixture(autouse=True)
@@ -60,8 +61,12 @@ def test_rows_for_every_method_and_budget(tiny_lm, tmp_path):
     items = _items(tiny_lm, kinds=("niah_single", "fwe"))
     methods = method_names()
     steps = []
-    res = run_eval(tiny_lm, items, EvalSettings(methods=methods, budgets=["0.5", "100"], chunk_size=64, max_new_tokens=4),
-                   on_step=lambda d, t, label: steps.append((d, t)))
+    res = run_eval(
+        tiny_lm,
+        items,
+        EvalSettings(methods=methods, budgets=["0.5", "100"], chunk_size=64, max_new_tokens=4),
+        on_step=lambda d, t, label: steps.append((d, t)),
+    )
     runs = [("full", "1"), ("pod", "1")]  # plain pod keeps every token: one run whatever the budgets
     runs += [(m, b) for m in methods if m not in ("full", "pod") for b in ("0.5", "100")]
     assert steps[-1] == (len(items) * len(runs),) * 2
@@ -96,7 +101,7 @@ def test_rows_for_every_method_and_budget(tiny_lm, tmp_path):
 FACTORIES = {"llama-mqa": lambda: tiny_llama(num_kv_heads=1), "gemma3": lambda: tiny_gemma3()}
 # PoD shares the keys of distant tokens across layers whatever the budget (the budget only
 # drives its inner method), so it is not lossless at budget 1.0; see the eval report.
-_NOT_LOSSLESS = pytest.mark.xfail(reason="pod shares distant keys even at budget 1.0", strict=False)
+_NOT_LOSSLESS = pytest.mark.xfail(reason="pod shares distant keys even at budget 1.0", strict=True)
 
 
 @pytest.fixture(scope="module")
@@ -107,15 +112,19 @@ def full_budget_rows():
     def get(model: str):
         if model not in cache:
             lm = api.wrap_model(FACTORIES[model](), CharTokenizer())
-            cache[model] = run_eval(lm, _items(lm), EvalSettings(methods=method_names(), budgets=[1.0], chunk_size=64,
-                                                                 max_new_tokens=2)).rows
+            cache[model] = run_eval(
+                lm, _items(lm), EvalSettings(methods=method_names(), budgets=[1.0], chunk_size=64, max_new_tokens=2)
+            ).rows
         return cache[model]
+
     return get
 
 
 @pytest.mark.parametrize("model", list(FACTORIES))
-@pytest.mark.parametrize("method", [pytest.param(m, marks=_NOT_LOSSLESS) if m.startswith("pod") else m
-                                    for m in method_names() if m != "full"])
+@pytest.mark.parametrize(
+    "method",
+    [pytest.param(m, marks=_NOT_LOSSLESS) if m.startswith("pod") else m for m in method_names() if m != "full"],
+)
 def test_logprob_identical_at_full_budget(full_budget_rows, model, method):
     """At budget 1.0 a method keeps everything: the answer likelihood must be the full
     cache's, on every task (several chunks, so compress ran after each)."""
@@ -131,18 +140,27 @@ def test_logprob_identical_at_full_budget(full_budget_rows, model, method):
 def test_questions_share_one_prefill(tiny_lm, tmp_path):
     doc = "The cat sat on the mat. " * 30
     q = tmp_path / "q.jsonl"
-    q.write_text('{"question": "Where did the cat sit?", "answer": "on the mat"}\n\n'
-                 '{"question": "Which animals?", "answers": ["cat", "dog"], "metric": "all"}\n')
+    q.write_text(
+        '{"question": "Where did the cat sit?", "answer": "on the mat"}\n\n'
+        '{"question": "Which animals?", "answers": ["cat", "dog"], "metric": "all"}\n'
+    )
     items = question_items(doc, str(q), tiny_lm.tokenizer)
     assert [it.reference for it in items] == ["on the mat", "cat, dog"]
     steps = []
-    res = run_eval(tiny_lm, items, EvalSettings(methods=["streaming"], budgets=[0.5], chunk_size=64, max_new_tokens=2),
-                   on_step=lambda d, t, label: steps.append(t))
+    res = run_eval(
+        tiny_lm,
+        items,
+        EvalSettings(methods=["streaming"], budgets=[0.5], chunk_size=64, max_new_tokens=2),
+        on_step=lambda d, t, label: steps.append(t),
+    )
     assert steps[-1] == 2 and len(res.rows) == 4  # 2 prefills (full, streaming), 2 questions each
     steps.clear()
-    run_eval(tiny_lm, items, EvalSettings(methods=["snapkv"], budgets=[0.5], chunk_size=64, query_aware=True,
-                                          max_new_tokens=2),
-             on_step=lambda d, t, label: steps.append(t))
+    run_eval(
+        tiny_lm,
+        items,
+        EvalSettings(methods=["snapkv"], budgets=[0.5], chunk_size=64, query_aware=True, max_new_tokens=2),
+        on_step=lambda d, t, label: steps.append(t),
+    )
     assert steps[-1] == 4  # query-aware: one prefill per question
 
 
@@ -167,11 +185,24 @@ def test_validation_errors():
 
 def test_plots(tmp_path):
     pytest.importorskip("matplotlib")
-    rows = [EvalRow(kind="niah_single", length=n, depth=d, sample=0, method=m, budget=b,
-                    score=1.0 if m == "full" or d < 0.5 else 0.0, logprob=-1.0, logprob_delta=0.0,
-                    kv_ratio=float(b), prefill_seconds=1.0)
-            for m, b in (("full", "1"), ("h2o", "0.5"), ("h2o", "0.35"))
-            for n in (1024, 2048) for d in (0.1, 0.9)]
+    rows = [
+        EvalRow(
+            kind="niah_single",
+            length=n,
+            depth=d,
+            sample=0,
+            method=m,
+            budget=b,
+            score=1.0 if m == "full" or d < 0.5 else 0.0,
+            logprob=-1.0,
+            logprob_delta=0.0,
+            kv_ratio=float(b),
+            prefill_seconds=1.0,
+        )
+        for m, b in (("full", "1"), ("h2o", "0.5"), ("h2o", "0.35"))
+        for n in (1024, 2048)
+        for d in (0.1, 0.9)
+    ]
     paths = write_plots(rows, tmp_path / "plots")
     names = sorted(p.name for p in paths)
     assert names == ["needle_full.png", "needle_h2o_at_0.35.png", "needle_h2o_at_0.5.png", "score_vs_budget.png"]
@@ -199,9 +230,20 @@ def test_cli_errors(tmp_path, monkeypatch, capsys):
     good.write_text('{"question": "Q?", "answer": "A"}\n')
     out = str(tmp_path / "o")
     # the real command line, once: exit status and stderr as a user sees them
-    proc = subprocess.run([str(Path(sys.executable).with_name("kvcli")), "eval", str(doc), "--questions",
-                           str(tmp_path / "missing.jsonl"), "--out", out],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            str(Path(sys.executable).with_name("kvcli")),
+            "eval",
+            str(doc),
+            "--questions",
+            str(tmp_path / "missing.jsonl"),
+            "--out",
+            out,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and proc.stdout == ""
     assert len(proc.stderr.strip().splitlines()) == 1 and "cannot read questions file" in proc.stderr
     cases = [
@@ -230,8 +272,10 @@ def test_embedded_full_cache_finds_single_needles():
     """The reference must be good for the comparison to mean anything: with the full cache
     the embedded model retrieves one planted number at several depths."""
     lm = api.load_model(quiet=True)
-    tasks = [generate_task("niah_single", lm.tokenizer, n, seed=s, depth=d)
-             for n, s, d in ((1024, 1, 0.1), (1536, 2, 0.4), (2048, 3, 0.7), (1024, 4, 0.95))]
+    tasks = [
+        generate_task("niah_single", lm.tokenizer, n, seed=s, depth=d)
+        for n, s, d in ((1024, 1, 0.1), (1536, 2, 0.4), (2048, 3, 0.7), (1024, 4, 0.95))
+    ]
     res = run_eval(lm, runner.items_from_tasks(tasks), EvalSettings(methods=[]))
     scores = [r.score for r in res.rows]
     assert len(scores) == 4

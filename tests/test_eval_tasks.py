@@ -7,6 +7,7 @@ import random
 import re
 import time
 from collections import Counter
+from itertools import pairwise
 
 import pytest
 
@@ -28,13 +29,13 @@ def tok():
     for style in STYLES:
         stream = filler_sentences(style, rng)
         corpus += [" ".join(itertools.islice(stream, 20)) for _ in range(40)]
-    corpus += [NEEDLE.format(key="brave-lantern", value=rng.randint(10**6, 10**7 - 1))
-               for _ in range(50)]
+    corpus += [NEEDLE.format(key="brave-lantern", value=rng.randint(10**6, 10**7 - 1)) for _ in range(50)]
     raw = Tokenizer(models.BPE())
     raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     raw.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=600, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=600, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
     raw.train_from_iterator(corpus, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=raw)
 
@@ -91,13 +92,13 @@ def test_task_fields_and_needles(tok):
     mq = generate_task("niah_multiquery", tok, 1000, seed=3)
     keys = re.findall(r"[a-z]+-[a-z]+", mq.question)
     assert len(set(keys)) == 4 and mq.metric == "all"
-    assert all(NEEDLE.format(key=k, value=v) in mq.context for k, v in zip(keys, mq.answers))
+    assert all(NEEDLE.format(key=k, value=v) in mq.context for k, v in zip(keys, mq.answers, strict=True))
 
     vt = generate_task("vt", tok, 1000, seed=3)
     value = re.search(r"value (\d{5}) ", vt.question).group(1)
     names = vt.answers
     assert len(names) == 5 and all(re.fullmatch(r"[A-Z]{5}", n) for n in names)
-    chain = [f"VAR {names[0]} = {value}."] + [f"VAR {b} = VAR {a}." for a, b in zip(names, names[1:])]
+    chain = [f"VAR {names[0]} = {value}."] + [f"VAR {b} = VAR {a}." for a, b in pairwise(names)]
     positions = [vt.context.index(s) for s in chain]
     assert positions == sorted(positions) and vt.context.count("VAR ") == 9
 
@@ -112,14 +113,13 @@ def test_depth_places_needle(tok):
     positions = {}
     for depth in (0.0, 0.1, 0.5, 0.9, 1.0):
         t = generate_task("niah_single", tok, 2000, seed=11, depth=depth, filler="report")
-        needle = NEEDLE.format(key=re.search(r"for (\S+) mentioned", t.question).group(1),
-                               value=t.answers[0])
+        needle = NEEDLE.format(key=re.search(r"for (\S+) mentioned", t.question).group(1), value=t.answers[0])
         pos = t.context.index(needle)
         positions[depth] = pos
         frac = ntok(tok, t.context[:pos]) / t.length
         assert abs(frac - depth) < 0.05, (depth, frac)
         # at a sentence boundary
-        assert pos == 0 or t.context[pos - 2:pos] == ". "
+        assert pos == 0 or t.context[pos - 2 : pos] == ". "
     assert positions[0.0] == 0 and positions[0.1] < positions[0.5] < positions[0.9]
     # a given depth changes nothing but the needle position
     a = generate_task("niah_single", tok, 2000, seed=11, depth=0.1, filler="report")
@@ -181,8 +181,19 @@ def test_default_filler_varies_across_seeds(tok):
 
 # --------------------------------------------------------------------- scoring
 def _task(answers, metric):
-    return Task(kind="niah_single", context="", question="", answers=answers, answer_prefix="",
-                length=0, target_length=0, depth=None, seed=0, filler="noise", metric=metric)
+    return Task(
+        kind="niah_single",
+        context="",
+        question="",
+        answers=answers,
+        answer_prefix="",
+        length=0,
+        target_length=0,
+        depth=None,
+        seed=0,
+        filler="noise",
+        metric=metric,
+    )
 
 
 def test_score():
@@ -213,8 +224,10 @@ def test_generated_task_scores(tok):
 
 def test_load_questions(tmp_path):
     p = tmp_path / "q.jsonl"
-    p.write_text('{"question": "Who?", "answer": "Ann"}\n\n'
-                 '{"question": "When?", "answers": ["1999", 2000], "metric": "all", "id": 7}\n')
+    p.write_text(
+        '{"question": "Who?", "answer": "Ann"}\n\n'
+        '{"question": "When?", "answers": ["1999", 2000], "metric": "all", "id": 7}\n'
+    )
     qs = load_questions(p)
     assert qs[0] == {"question": "Who?", "answers": ["Ann"], "metric": "any"}
     assert qs[1]["answers"] == ["1999", "2000"] and qs[1]["metric"] == "all" and qs[1]["id"] == 7

@@ -129,15 +129,21 @@ def test_layers_import_only_downwards():
     every = set(LAYERS)
     found = {m.split(".")[1] for m in import_graph() if m.count(".") >= 1}
     assert found <= every, f"a folder no layer names: {found - every}"
-    wrong = [f"{mod} ({LAYERS[layer_of(mod)]}) imports {dep} ({LAYERS[layer_of(dep)]})"
-             for mod, deps in import_graph().items() for dep in deps
-             if layer_of(mod) is not None and layer_of(dep) is not None and layer_of(dep) > layer_of(mod)]
+    wrong = [
+        f"{mod} ({LAYERS[layer_of(mod)]}) imports {dep} ({LAYERS[layer_of(dep)]})"
+        for mod, deps in import_graph().items()
+        for dep in deps
+        if layer_of(mod) is not None and layer_of(dep) is not None and layer_of(dep) > layer_of(mod)
+    ]
     assert not wrong, "\n".join(sorted(wrong))
 
 
 def test_nothing_but_the_cli_imports_the_cli():
-    users = [mod for mod, deps in import_graph().items()
-             if not mod.startswith("kvcli.cli") and any(d.startswith("kvcli.cli") for d in deps)]
+    users = [
+        mod
+        for mod, deps in import_graph().items()
+        if not mod.startswith("kvcli.cli") and any(d.startswith("kvcli.cli") for d in deps)
+    ]
     assert not users
 
 
@@ -145,8 +151,11 @@ def test_nothing_but_the_cli_imports_the_cli():
 def test_core_needs_no_torch(layer):
     for path in (PACKAGE / layer).rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
-                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else ([node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            )
             assert not any(n.split(".")[0] in ("torch", "transformers") for n in names), path
 
 

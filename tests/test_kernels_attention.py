@@ -40,7 +40,7 @@ def brute_attention(q, k, v, q_pos, k_pos, bias, scaling, window):
                 m = max(logits)
                 ws = [math.exp(x - m) for x in logits]
                 tot = sum(ws)
-                out[bi, h, i] = sum(w / tot * vv for w, vv in zip(ws, vals))
+                out[bi, h, i] = sum(w / tot * vv for w, vv in zip(ws, vals, strict=True))
     return out
 
 
@@ -50,9 +50,16 @@ def make_inputs(b, hq, hkv, lq, lk, d, dv, with_bias, seed=0, dtype=torch.float3
     k = torch.randn(b, hkv, lk, d, generator=gen).to(dtype)
     v = torch.randn(b, hkv, lk, dv, generator=gen).to(dtype)
     # arbitrary (compressed-cache-like) key positions, per kv head; queries after most of them
-    k_pos = torch.stack([torch.stack([torch.randperm(lk + 5, generator=gen)[:lk].sort().values
-                                      for _ in range(hkv)]) for _ in range(b)]) if lk else \
-        torch.zeros(b, hkv, 0, dtype=torch.long)
+    k_pos = (
+        torch.stack(
+            [
+                torch.stack([torch.randperm(lk + 5, generator=gen)[:lk].sort().values for _ in range(hkv)])
+                for _ in range(b)
+            ]
+        )
+        if lk
+        else torch.zeros(b, hkv, 0, dtype=torch.long)
+    )
     q_pos = torch.randint(0, lk + 8, (b, lq), generator=gen)
     bias = torch.log(torch.randint(1, 6, (b, hkv, lk), generator=gen).float()) if with_bias else None
     return q, k, v, q_pos, k_pos, bias

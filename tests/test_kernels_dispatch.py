@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from kvcli.attention import backends, flash
-from kvcli.cli.options import error_line
 from kvcli.attention.reference import allowed_mask, attend
+from kvcli.cli.options import error_line
 from kvcli.core.errors import KvcliError
 
 # ---------------------------------------------------------------------------------------- helpers
@@ -58,12 +58,15 @@ def test_kernel_dispatch_auto_on_cpu_is_sdpa(machine, triton, has_flash, interpr
     assert backends.resolve_backend("auto", "cpu") == "sdpa"
 
 
-@pytest.mark.parametrize("triton, has_flash, expected", [
-    (True, True, "flash"),     # flash where it is exact, the Triton kernel for the rest
-    (False, True, "flash"),    # flash where exact, sdpa for the rest
-    (True, False, "triton"),
-    (False, False, "sdpa"),
-])
+@pytest.mark.parametrize(
+    "triton, has_flash, expected",
+    [
+        (True, True, "flash"),  # flash where it is exact, the Triton kernel for the rest
+        (False, True, "flash"),  # flash where exact, sdpa for the rest
+        (True, False, "triton"),
+        (False, False, "sdpa"),
+    ],
+)
 def test_kernel_dispatch_auto_on_cuda(machine, triton, has_flash, expected):
     machine(cuda=True, triton=triton, flash=has_flash or None)
     assert backends.resolve_backend("auto", "auto") == expected
@@ -157,20 +160,21 @@ def test_kernel_dispatch_get_backend():
 
 
 def test_kernel_dispatch_engine_resolves_and_splits_pod_keys(machine):
-    from conftest import tiny_llama
-    from kvcli.core.budget import Budget
     from kvcli.cache import SharedKeyLayer
+    from kvcli.core.budget import Budget
     from kvcli.engine.engine import Engine
     from kvcli.methods import make_method
+
+    from conftest import tiny_llama
 
     model = tiny_llama(layers=2)
     machine(cuda=False, triton=True, interpret=True)
     eng = Engine(model, make_method("pod"), Budget(ratio=1.0), backend="auto")
     assert eng.state.backend == "sdpa"
-    assert not any(getattr(l, "split_keys", False) for l in eng.cache.layers)
+    assert not any(getattr(layer, "split_keys", False) for layer in eng.cache.layers)
     eng = Engine(model, make_method("pod"), Budget(ratio=1.0), backend="triton")
-    members = [l for l in eng.cache.layers if isinstance(l, SharedKeyLayer)]
-    assert members and all(l.split_keys for l in members)
+    members = [layer for layer in eng.cache.layers if isinstance(layer, SharedKeyLayer)]
+    assert members and all(layer.split_keys for layer in members)
     machine(cuda=False, triton=True, interpret=False)
     with pytest.raises(KvcliError):
         Engine(model, make_method("full"), Budget(ratio=1.0), backend="triton")
@@ -277,13 +281,16 @@ def test_kernel_flash_plan_windows():
     assert not plan(q, k, window=8).ok
 
 
-@pytest.mark.parametrize("kwargs, needle", [
-    (dict(bias=torch.zeros(1, 1, 25)), "bias"),
-    (dict(dtype=torch.float32), "float16"),
-    (dict(device="cpu"), "cuda"),
-    (dict(d=16, dv=32), "head dim"),
-    (dict(d=512, dv=512), "head dim"),
-])
+@pytest.mark.parametrize(
+    "kwargs, needle",
+    [
+        (dict(bias=torch.zeros(1, 1, 25)), "bias"),
+        (dict(dtype=torch.float32), "float16"),
+        (dict(device="cpu"), "cuda"),
+        (dict(d=16, dv=32), "head dim"),
+        (dict(d=512, dv=512), "head dim"),
+    ],
+)
 def test_kernel_flash_plan_declines(kwargs, needle):
     q, k = chunk_layout(list(range(20)), 20, 5)
     p = plan(q, k, **kwargs)

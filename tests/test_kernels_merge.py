@@ -37,7 +37,7 @@ def brute_cosine(keys):
     for r in range(n):
         for i in range(length - 1):
             a, b = keys[r, i].double().tolist(), keys[r, i + 1].double().tolist()
-            dot = sum(x * y for x, y in zip(a, b))
+            dot = sum(x * y for x, y in zip(a, b, strict=True))
             na, nb = math.sqrt(sum(x * x for x in a)), math.sqrt(sum(y * y for y in b))
             out[r, i] = 0.0 if na == 0 or nb == 0 else dot / (na * nb)
     return out
@@ -62,7 +62,7 @@ def brute_merge(keys, values, counts, set_ids, pivots, sigma, value_mode, count_
                     g *= float(counts[r, i])
                 gs.append(g)
             tot = sum(gs)
-            for g, i in zip(gs, members):
+            for g, i in zip(gs, members, strict=True):
                 mk[r, sid] += (g / tot) * keys[r, i].double()
                 mv[r, sid] += (g / tot) * values[r, i].double()
                 mc[r, sid] += float(counts[r, i])
@@ -103,7 +103,7 @@ def test_kernel_ref_merge_matches_brute_force(value_mode, count_weighted):
     keys, values, counts, set_ids, pivots = make_merge_inputs(3, 17, 6, 16, 8, seed=1)
     out = merge_sets(keys, values, counts, set_ids, pivots, 1.3, value_mode, count_weighted)
     exp = brute_merge(keys, values, counts, set_ids, pivots, 1.3, value_mode, count_weighted)
-    for o, e in zip(out, exp):
+    for o, e in zip(out, exp, strict=True):
         torch.testing.assert_close(o.double(), e, atol=1e-5, rtol=1e-5)
 
 
@@ -137,8 +137,16 @@ def test_kernel_ref_merge_singletons_pass_through():
 
 def test_kernel_ref_merge_empty():
     keys = torch.zeros(2, 0, 16)
-    mk, mv, mc = merge_sets(keys, torch.zeros(2, 0, 8), torch.zeros(2, 0), torch.zeros(2, 0, dtype=torch.long),
-                            torch.zeros(2, 0, dtype=torch.long), 1.0, "scale", False)
+    mk, mv, mc = merge_sets(
+        keys,
+        torch.zeros(2, 0, 8),
+        torch.zeros(2, 0),
+        torch.zeros(2, 0, dtype=torch.long),
+        torch.zeros(2, 0, dtype=torch.long),
+        1.0,
+        "scale",
+        False,
+    )
     assert mk.shape == (2, 0, 16) and mv.shape == (2, 0, 8) and mc.shape == (2, 0)
 
 
@@ -187,7 +195,7 @@ def test_kernel_merge_sets_triton(n, length, s, d, dv, value_mode, count_weighte
     args = make_merge_inputs(n, length, s, d, dv, seed=length * 7 + s)
     out = merge_sets_triton(*args, 0.9, value_mode, count_weighted)
     ref = merge_sets(*args, 0.9, value_mode, count_weighted)
-    for o, r in zip(out, ref):
+    for o, r in zip(out, ref, strict=True):
         assert o.shape == r.shape and o.dtype == r.dtype
         torch.testing.assert_close(o, r, atol=1e-4, rtol=1e-4)
 
@@ -201,7 +209,14 @@ def test_kernel_merge_sets_triton_singletons_exact_and_empty():
     mk, mv, mc = merge_sets_triton(keys, values, counts, ids, ids.clone(), 0.5, "scale", True)
     assert torch.equal(mk, keys) and torch.equal(mv, values) and torch.equal(mc, counts)
 
-    empty = merge_sets_triton(torch.zeros(2, 0, 16), torch.zeros(2, 0, 8), torch.zeros(2, 0),
-                              torch.zeros(2, 0, dtype=torch.long), torch.zeros(2, 0, dtype=torch.long),
-                              1.0, "bias", False)
+    empty = merge_sets_triton(
+        torch.zeros(2, 0, 16),
+        torch.zeros(2, 0, 8),
+        torch.zeros(2, 0),
+        torch.zeros(2, 0, dtype=torch.long),
+        torch.zeros(2, 0, dtype=torch.long),
+        1.0,
+        "bias",
+        False,
+    )
     assert [t.shape for t in empty] == [(2, 0, 16), (2, 0, 8), (2, 0)]

@@ -14,14 +14,15 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede any triton import
 import pytest
 import torch
 
-from conftest import sharpen, tiny_gemma3, tiny_llama
 from kvcli import api
 from kvcli.attention import backends
-from kvcli.core.budget import Budget
 from kvcli.cache import SharedKeyLayer
+from kvcli.core.budget import Budget
 from kvcli.engine.engine import Engine
 from kvcli.methods import make_method
 from kvcli_kernels import triton_available
+
+from conftest import sharpen, tiny_gemma3, tiny_llama
 
 pytestmark = pytest.mark.skipif(not triton_available(), reason="needs triton and a GPU or TRITON_INTERPRET=1")
 # The interpreter runs on CPU tensors; with TRITON_INTERPRET=0 on a GPU machine, the same tests run on CUDA.
@@ -39,7 +40,10 @@ CASES = [
 @pytest.fixture(scope="module")
 def models():
     out = {}
-    for name, factory in (("llama", lambda: tiny_llama(num_kv_heads=2, layers=2)), ("gemma3", lambda: tiny_gemma3(layers=4))):
+    for name, factory in (
+        ("llama", lambda: tiny_llama(num_kv_heads=2, layers=2)),
+        ("gemma3", lambda: tiny_gemma3(layers=4)),
+    ):
         model = sharpen(factory()).to(DEVICE)
         api.wrap_model(model, None)  # kvcli's attention function
         out[name] = model
@@ -93,12 +97,12 @@ def test_kernel_triton_backend_matches_sdpa_end_to_end(models, spies, arch, meth
     assert tokens == ref_tokens
     torch.testing.assert_close(logits, ref_logits, atol=2e-5, rtol=2e-5)
     # same cache afterwards: sizes, positions and counts
-    for a, b in zip(eng.cache.growing_layers, ref_eng.cache.growing_layers):
+    for a, b in zip(eng.cache.growing_layers, ref_eng.cache.growing_layers, strict=True):
         assert a.length == b.length
         assert torch.equal(a.key_positions(), b.key_positions())
         torch.testing.assert_close(a.entry_counts(), b.entry_counts())
     assert spies["attention"] > 0
-    members = [l for l in eng.cache.layers if isinstance(l, SharedKeyLayer)]
+    members = [layer for layer in eng.cache.layers if isinstance(layer, SharedKeyLayer)]
     if method.startswith("pod"):
         assert members and all(m.split_keys for m in members)
         assert spies["pod"] > 0
@@ -107,7 +111,9 @@ def test_kernel_triton_backend_matches_sdpa_end_to_end(models, spies, arch, meth
         assert spies["pod"] == 0 and not members
     if "kvmerger" in method:
         assert spies["merge"] > 0 and spies["cosine"] > 0
-        assert any(bool((l.entry_counts() > 1).any()) for l in eng.cache.growing_layers)  # merged: bias path ran
+        assert any(
+            bool((layer.entry_counts() > 1).any()) for layer in eng.cache.growing_layers
+        )  # merged: bias path ran
     else:
         assert spies["merge"] == 0
 
@@ -117,12 +123,12 @@ def test_kernel_triton_pod_member_update_returns_no_assembled_keys(models):
     stand-in: its distant keys are never copied into an assembled tensor."""
     eng = Engine(models["llama"], make_method("pod", **POD), Budget(ratio=1.0), chunk_size=16, backend="triton")
     eng.prefill(torch.randint(3, 128, (1, 40)))
-    member = next(l for l in eng.cache.layers if isinstance(l, SharedKeyLayer))
+    member = next(layer for layer in eng.cache.layers if isinstance(layer, SharedKeyLayer))
     eng.cache.begin_forward(torch.tensor([40], device=DEVICE))
     keys, values = member.update(torch.zeros(1, 2, 1, 16, device=DEVICE), torch.zeros(1, 2, 1, 16, device=DEVICE))
     assert keys.shape[2] == 0 and values.shape[2] == member.length
     head, distant, tail = member.key_parts()
-    assert distant.data_ptr() == member.anchor.keys[:, :, head.shape[2]:].data_ptr()  # a view, not a copy
+    assert distant.data_ptr() == member.anchor.keys[:, :, head.shape[2] :].data_ptr()  # a view, not a copy
 
 
 def test_kernel_triton_query_aware_probe_and_stats(models, spies):
@@ -136,9 +142,12 @@ def test_kernel_triton_query_aware_probe_and_stats(models, spies):
     out = {}
     for backend in ("sdpa", "triton"):
         eng = Engine(lm.model, make_method("pod+kvmerger", **POD), Budget(ratio=0.5), chunk_size=16, backend=backend)
-        out[backend] = (eng.prefill(ids, probe_ids=probe), [l.valid("scores") for l in eng.cache.growing_layers])
+        out[backend] = (
+            eng.prefill(ids, probe_ids=probe),
+            [layer.valid("scores") for layer in eng.cache.growing_layers],
+        )
     torch.testing.assert_close(out["triton"][0], out["sdpa"][0], atol=2e-5, rtol=2e-5)
-    for a, b in zip(out["triton"][1], out["sdpa"][1]):
+    for a, b in zip(out["triton"][1], out["sdpa"][1], strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     assert spies["pod"] > 0 and spies["merge"] > 0
 

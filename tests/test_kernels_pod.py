@@ -26,8 +26,18 @@ def make_pod_inputs(b, hq, hkv, lq, lp, ld, d, dv, bias_prox, bias_dist, seed=0)
     q_pos = torch.randint(20, 30 + lp + 4, (b, lq), generator=gen)
     b_p = torch.log(torch.randint(1, 4, (b, hkv, lp), generator=gen).float()) if bias_prox else None
     b_d = torch.log(torch.randint(1, 4, (b, hkv, ld), generator=gen).float()) if bias_dist else None
-    return dict(q=q, k_prox=k_prox, v_prox=v_prox, pos_prox=pos_prox, k_dist=k_dist, v_dist=v_dist,
-                pos_dist=pos_dist, bias_prox=b_p, bias_dist=b_d, q_pos=q_pos)
+    return dict(
+        q=q,
+        k_prox=k_prox,
+        v_prox=v_prox,
+        pos_prox=pos_prox,
+        k_dist=k_dist,
+        v_dist=v_dist,
+        pos_dist=pos_dist,
+        bias_prox=b_p,
+        bias_dist=b_d,
+        q_pos=q_pos,
+    )
 
 
 def concat_attention(a, scaling, window):
@@ -39,8 +49,13 @@ def concat_attention(a, scaling, window):
     else:
         zp = torch.zeros(a["pos_prox"].shape)
         zd = torch.zeros(a["pos_dist"].shape)
-        bias = torch.cat([a["bias_dist"] if a["bias_dist"] is not None else zd,
-                          a["bias_prox"] if a["bias_prox"] is not None else zp], 2)
+        bias = torch.cat(
+            [
+                a["bias_dist"] if a["bias_dist"] is not None else zd,
+                a["bias_prox"] if a["bias_prox"] is not None else zp,
+            ],
+            2,
+        )
     return attention(a["q"], k, v, a["q_pos"], pos, bias, scaling, window)
 
 

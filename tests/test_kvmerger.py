@@ -1,7 +1,5 @@
 """KVMerger on hand-built tensors: sets, weights, exact budgets, accumulating counts."""
 
-import math
-
 import pytest
 import torch
 
@@ -61,8 +59,15 @@ def test_protected_entries_are_never_merged():
 
 
 def test_most_similar_pairs_merge_first_when_budget_needs_few():
-    keys = torch.stack([direction(0), direction(0) * 0.9 + direction(1) * 0.45, direction(1) * 0.9 + direction(0) * 0.5,
-                        direction(2), direction(2)]).unsqueeze(0)
+    keys = torch.stack(
+        [
+            direction(0),
+            direction(0) * 0.9 + direction(1) * 0.45,
+            direction(1) * 0.9 + direction(0) * 0.5,
+            direction(2),
+            direction(2),
+        ]
+    ).unsqueeze(0)
     m = merger(threshold=0.5)
     sets = m.merging_sets(keys.unsqueeze(0), torch.zeros(1, 5, dtype=torch.bool), n_merge=1)[0].tolist()
     assert sets == [0, 1, 2, 3, 3]  # only the identical pair (3, 4)

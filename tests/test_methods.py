@@ -11,13 +11,14 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import IdTokenizer, tiny_llama
 from kvcli import api
 from kvcli.api import settings
 from kvcli.cli.app import app, main
 from kvcli.core.errors import KvcliError
 from kvcli.methods import REGISTRY, Method, make_method, method_names, split_options
 from kvcli.methods.base import NOT_AN_OPTION
+
+from conftest import IdTokenizer, tiny_llama
 
 runner = CliRunner()
 
@@ -37,28 +38,31 @@ def test_hooks_are_declared_on_the_base_class():
     assert make_method("pod").attach.__func__ is not Method.attach
 
 
-@pytest.mark.parametrize("name, options, needle", [
-    ("kvmerger", {"threshold": "abc"}, "threshold"),
-    ("kvmerger", {"threshold": 2}, "threshold"),
-    ("kvmerger", {"sigma": 0}, "sigma"),
-    ("kvmerger", {"recent": 0.9, "heavy": 0.5}, "heavy"),
-    ("kvmerger", {"value_mode": "x"}, "value_mode"),
-    ("kvmerger", {"fallback": 1}, "fallback"),
-    ("h2o", {"recent": 7}, "recent"),
-    ("cam", {"recent": -0.1}, "recent"),
-    ("cam", {"spread": 0}, "spread"),
-    ("streaming", {"n_sink": -5}, "n_sink"),
-    ("streaming", {"n_sink": 2.5}, "n_sink"),
-    ("h2o", {"n_sink": True}, "n_sink"),
-    ("snapkv", {"kernel": 4}, "kernel"),
-    ("snapkv", {"kernel": -3}, "kernel"),
-    ("snapkv", {"window": "wide"}, "window"),
-    ("pod", {"recent_min": -1}, "recent_min"),
-    ("pod", {"block_size": 0}, "block_size"),
-    ("pod", {"profile": 3}, "profile"),
-    ("pod+kvmerger", {"kvmerger.threshold": "x"}, "threshold"),
-    ("h2o", {"nonsense": 1}, "nonsense"),
-])
+@pytest.mark.parametrize(
+    "name, options, needle",
+    [
+        ("kvmerger", {"threshold": "abc"}, "threshold"),
+        ("kvmerger", {"threshold": 2}, "threshold"),
+        ("kvmerger", {"sigma": 0}, "sigma"),
+        ("kvmerger", {"recent": 0.9, "heavy": 0.5}, "heavy"),
+        ("kvmerger", {"value_mode": "x"}, "value_mode"),
+        ("kvmerger", {"fallback": 1}, "fallback"),
+        ("h2o", {"recent": 7}, "recent"),
+        ("cam", {"recent": -0.1}, "recent"),
+        ("cam", {"spread": 0}, "spread"),
+        ("streaming", {"n_sink": -5}, "n_sink"),
+        ("streaming", {"n_sink": 2.5}, "n_sink"),
+        ("h2o", {"n_sink": True}, "n_sink"),
+        ("snapkv", {"kernel": 4}, "kernel"),
+        ("snapkv", {"kernel": -3}, "kernel"),
+        ("snapkv", {"window": "wide"}, "window"),
+        ("pod", {"recent_min": -1}, "recent_min"),
+        ("pod", {"block_size": 0}, "block_size"),
+        ("pod", {"profile": 3}, "profile"),
+        ("pod+kvmerger", {"kvmerger.threshold": "x"}, "threshold"),
+        ("h2o", {"nonsense": 1}, "nonsense"),
+    ],
+)
 def test_bad_options_are_refused_when_the_method_is_made(name, options, needle):
     with pytest.raises(KvcliError) as info:
         make_method(name, **options)
@@ -100,8 +104,10 @@ def test_builtin_presets_use_the_current_names():
 
 
 def test_plain_and_scoped_keys_across_methods():
-    per = split_options({"recent": 0.2, "threshold": 0.6, "pod.recent_min": 64, "kvmerger.heavy": 0.05},
-                        ["h2o", "kvmerger", "pod+kvmerger", "streaming"])
+    per = split_options(
+        {"recent": 0.2, "threshold": 0.6, "pod.recent_min": 64, "kvmerger.heavy": 0.05},
+        ["h2o", "kvmerger", "pod+kvmerger", "streaming"],
+    )
     assert per["h2o"] == {"recent": 0.2}
     assert per["kvmerger"] == {"recent": 0.2, "threshold": 0.6, "heavy": 0.05}
     assert per["pod+kvmerger"] == {"recent": 0.2, "threshold": 0.6, "pod.recent_min": 64, "kvmerger.heavy": 0.05}
@@ -122,7 +128,9 @@ def test_prefill_takes_a_method_object():
     meth = make_method("streaming", n_sink=2)
     ctx = api.prefill(lm, ids, method=meth, budget="40", chunk_size=16, raw=True)
     assert ctx.engine.method is meth and ctx.report().method_options == {"n_sink": 2}
-    by_name = api.prefill(lm, ids, method="streaming", budget="40", chunk_size=16, raw=True, method_options={"n_sink": 2})
+    by_name = api.prefill(
+        lm, ids, method="streaming", budget="40", chunk_size=16, raw=True, method_options={"n_sink": 2}
+    )
     assert ctx.report().kv_bytes == by_name.report().kv_bytes
     with pytest.raises(KvcliError, match="method_options"):
         api.prefill(lm, ids, method=meth, raw=True, method_options={"n_sink": 3})
@@ -157,9 +165,26 @@ def test_profile_estimate_takes_options(tmp_path):
 
     path = tmp_path / "config.json"
     tiny_gemma3(layers=4, window=8).config.to_json_file(str(path))
-    result = runner.invoke(app, ["profile", "--estimate", "--model", str(path), "--context", "200", "--json",
-                                 "--methods", "h2o,kvmerger,pod+kvmerger", "-o", "recent=0.2",
-                                 "-o", "kvmerger.threshold=0.6", "--dtype", "float32"])
+    result = runner.invoke(
+        app,
+        [
+            "profile",
+            "--estimate",
+            "--model",
+            str(path),
+            "--context",
+            "200",
+            "--json",
+            "--methods",
+            "h2o,kvmerger,pod+kvmerger",
+            "-o",
+            "recent=0.2",
+            "-o",
+            "kvmerger.threshold=0.6",
+            "--dtype",
+            "float32",
+        ],
+    )
     assert result.exit_code == 0, result.output
     rows = {r["method"]: r["method_options"] for r in json.loads(result.stdout)}
     assert rows["h2o"]["recent"] == 0.2 and rows["kvmerger"]["recent"] == 0.2

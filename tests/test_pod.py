@@ -11,13 +11,14 @@ from transformers import AttentionInterface
 
 from kvcli import api
 from kvcli.attention.function import ATTN_NAME, kvcli_attention
-from kvcli.core.budget import Budget
 from kvcli.cache import GrowingLayer, SharedKeyLayer, WindowLayer
-from kvcli.engine.engine import Engine
+from kvcli.core.budget import Budget
 from kvcli.core.errors import KvcliError
-from kvcli.profile.estimate import estimate_kv_bytes
+from kvcli.engine.engine import Engine
 from kvcli.methods import make_method
+from kvcli.profile.estimate import estimate_kv_bytes
 from kvcli_kernels import pod_attention
+
 from conftest import IdTokenizer, sharpen, tiny_gemma3, tiny_llama
 
 POD_METHODS = ["pod", "pod+kvmerger", "pod+snapkv"]
@@ -53,14 +54,15 @@ def wrap(model):
 
 
 def prefill(model, ids, method, budget="1", chunk=CHUNK, options=None):
-    ctx = api.prefill(wrap(model), ids, method=method, budget=budget, chunk_size=chunk, raw=True,
-                      method_options=options)
+    ctx = api.prefill(
+        wrap(model), ids, method=method, budget=budget, chunk_size=chunk, raw=True, method_options=options
+    )
     ctx._eos = lambda: set()  # raw ids: decode a fixed number of tokens
     return ctx
 
 
 def members(cache) -> list[SharedKeyLayer]:
-    return [l for l in cache.layers if isinstance(l, SharedKeyLayer)]
+    return [layer for layer in cache.layers if isinstance(layer, SharedKeyLayer)]
 
 
 def tensor_bytes(obj) -> int:
@@ -83,7 +85,7 @@ def key_bytes_per_entry(cache, dtype=torch.float32) -> int:
 # ---- (a) within the proximal window PoD is the full cache -------------------------------------------
 def reference_tokens(model, prompt: torch.Tensor, n: int) -> list[int]:
     out = model.generate(prompt.view(1, -1), max_new_tokens=n, do_sample=False, min_new_tokens=n, pad_token_id=0)
-    return out[0, prompt.numel():].tolist()
+    return out[0, prompt.numel() :].tolist()
 
 
 @pytest.mark.parametrize("shape", list(MODELS))
@@ -125,8 +127,13 @@ def spy_attention():
 
     def spy(module, query, key, value, *args, **kwargs):
         out = kvcli_attention(module, query, key, value, *args, **kwargs)
-        calls[module.layer_idx] = dict(q=query.clone(), k=key.clone(), v=value.clone(), scaling=kwargs["scaling"],
-                                       out=out[0].transpose(1, 2).clone())  # back to [B, Hq, Lq, D]
+        calls[module.layer_idx] = dict(
+            q=query.clone(),
+            k=key.clone(),
+            v=value.clone(),
+            scaling=kwargs["scaling"],
+            out=out[0].transpose(1, 2).clone(),
+        )  # back to [B, Hq, Lq, D]
         return out
 
     AttentionInterface.register(ATTN_NAME, spy)
@@ -184,11 +191,26 @@ def test_member_attention_is_one_softmax_over_own_proximal_and_anchor_distant_ke
 
     q, scaling = call["q"], call["scaling"]
     assert scaling == pytest.approx(k_own.shape[-1] ** -0.5)
-    ref = pod_attention(q, k_own[:, :, prox], v_own[:, :, prox], per_head(prox), k_anchor[:, :, dist],
-                        v_own[:, :, dist], per_head(dist), None, None, torch.tensor([[DOC]]), scaling)
+    ref = pod_attention(
+        q,
+        k_own[:, :, prox],
+        v_own[:, :, prox],
+        per_head(prox),
+        k_anchor[:, :, dist],
+        v_own[:, :, dist],
+        per_head(dist),
+        None,
+        None,
+        torch.tensor([[DOC]]),
+        scaling,
+    )
     torch.testing.assert_close(call["out"], ref, rtol=1e-4, atol=1e-5)
-    by_hand = softmax_attention(q, torch.cat([k_own[:, :, prox], k_anchor[:, :, dist]], 2),
-                                torch.cat([v_own[:, :, prox], v_own[:, :, dist]], 2), scaling)
+    by_hand = softmax_attention(
+        q,
+        torch.cat([k_own[:, :, prox], k_anchor[:, :, dist]], 2),
+        torch.cat([v_own[:, :, prox], v_own[:, :, dist]], 2),
+        scaling,
+    )
     torch.testing.assert_close(call["out"], by_hand, rtol=1e-4, atol=1e-5)
     # ... and the reference tells the difference: the member's own keys would give another output
     own = softmax_attention(q, k_own, v_own, scaling)
@@ -220,12 +242,33 @@ def test_pod_kvmerger_member_reads_the_merged_distant_keys_with_count_bias(model
     keys = torch.cat([member.head_keys, anchor.keys[:, :, sl], member.tail_keys], 2)
     assert torch.equal(call["k"], keys)
     prox = torch.cat([torch.arange(N_S), torch.arange(sl.stop, n)])
-    ref = pod_attention(call["q"], keys[:, :, prox], call["v"][:, :, prox], pos[:, :, prox], anchor.keys[:, :, sl],
-                        call["v"][:, :, sl], pos[:, :, sl], bias[:, :, prox], bias[:, :, sl],
-                        torch.tensor([[DOC]]), call["scaling"])
+    ref = pod_attention(
+        call["q"],
+        keys[:, :, prox],
+        call["v"][:, :, prox],
+        pos[:, :, prox],
+        anchor.keys[:, :, sl],
+        call["v"][:, :, sl],
+        pos[:, :, sl],
+        bias[:, :, prox],
+        bias[:, :, sl],
+        torch.tensor([[DOC]]),
+        call["scaling"],
+    )
     torch.testing.assert_close(call["out"], ref, rtol=1e-4, atol=1e-5)
-    no_bias = pod_attention(call["q"], keys[:, :, prox], call["v"][:, :, prox], pos[:, :, prox], anchor.keys[:, :, sl],
-                            call["v"][:, :, sl], pos[:, :, sl], None, None, torch.tensor([[DOC]]), call["scaling"])
+    no_bias = pod_attention(
+        call["q"],
+        keys[:, :, prox],
+        call["v"][:, :, prox],
+        pos[:, :, prox],
+        anchor.keys[:, :, sl],
+        call["v"][:, :, sl],
+        pos[:, :, sl],
+        None,
+        None,
+        torch.tensor([[DOC]]),
+        call["scaling"],
+    )
     assert (no_bias - ref).abs().max() > 1e-4
 
 
@@ -275,22 +318,26 @@ def test_members_hold_no_distant_keys(models, shape, method):
 @pytest.mark.parametrize("shape", list(MODELS))
 @pytest.mark.parametrize("method", POD_METHODS)
 @pytest.mark.parametrize("budget", ["0.5", "0.97", "40", "1.0"])
-@pytest.mark.parametrize("options", [SMALL, dict(SMALL, block_size=3, n_sink=20), dict(n_sink=4, recent_min=64, recent=0.0)],
-                         ids=["pairs", "triples", "wide"])
+@pytest.mark.parametrize(
+    "options",
+    [SMALL, dict(SMALL, block_size=3, n_sink=20), dict(n_sink=4, recent_min=64, recent=0.0)],
+    ids=["pairs", "triples", "wide"],
+)
 def test_estimate_equals_measured_bytes_beyond_the_proximal_window(models, shape, method, budget, options):
     """The estimate replays PoD's windows, not only within recent_min (tests/test_profile.py):
     0.97 at chunk 16 leaves some chunks within budget after a compression, where the recent
     window is not squeezed ("wide": wider than the members' tail then); n_sink=20 exceeds a chunk."""
     ctx = prefill(models[shape], doc_ids(), method, budget=budget, options=options)
     rep, stats = ctx.report(), ctx.engine.stats
-    est = estimate_kv_bytes(models[shape].config, DOC, method, budget, "float32", chunk_size=CHUNK,
-                            method_options=options)
+    est = estimate_kv_bytes(
+        models[shape].config, DOC, method, budget, "float32", chunk_size=CHUNK, method_options=options
+    )
     assert est.kv_bytes == rep.kv_bytes == tensor_bytes(ctx.engine.cache)
     assert est.kv_bytes_all_layers == rep.kv_bytes_all_layers
     assert est.kept_tokens == rep.kept_tokens and est.kv_bytes_full == rep.kv_bytes_full
     assert est.peak_prefill_kv_bytes == stats.max_cache_bytes and est.trace == stats.trace
     assert est.method_options["blocks"] == rep.method_options["blocks"]
-    for row, layer in zip(est.per_layer, ctx.engine.cache.layers):
+    for row, layer in zip(est.per_layer, ctx.engine.cache.layers, strict=True):
         if isinstance(layer, SharedKeyLayer):
             assert row.keys == tensor_bytes_of(layer.head_keys, layer.tail_keys)
             assert row.values == tensor_bytes_of(layer.values)
@@ -320,7 +367,7 @@ def same_state(a, b) -> bool:
         if isinstance(x, torch.Tensor):
             return x.shape == y.shape and torch.equal(x, y)
         if isinstance(x, (tuple, list)):
-            return len(x) == len(y) and all(eq(i, j) for i, j in zip(x, y))
+            return len(x) == len(y) and all(eq(i, j) for i, j in zip(x, y, strict=True))
         return x == y
 
     return eq(a, b)
@@ -358,7 +405,7 @@ def test_checkpoint_before_any_forward(models):
     mark = eng.cache.checkpoint()
     eng.forward(doc_ids(5, seed=3).view(1, -1))
     eng.cache.rollback(mark)
-    assert eng.cache.seen == 0 and all(l.length == 0 for l in eng.cache.growing_layers)
+    assert eng.cache.seen == 0 and all(layer.length == 0 for layer in eng.cache.growing_layers)
     eng.prefill(doc_ids().view(1, -1))
     ref = Engine(wrap(models["llama-gqa"]).model, make_method("pod", **SMALL), Budget(ratio=1.0), chunk_size=CHUNK)
     ref.prefill(doc_ids().view(1, -1))
@@ -367,22 +414,25 @@ def test_checkpoint_before_any_forward(models):
 
 # ---- (e) bad options ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("method", ["pod", "pod+kvmerger"])
-@pytest.mark.parametrize("options,match", [
-    (dict(block_size=0), "block_size"),
-    (dict(block_size="two"), "integer"),
-    (dict(n_sink=-1), "n_sink"),
-    (dict(recent=1.5), "recent"),
-    (dict(recent_min=-3), "recent_min"),
-    (dict(blocks=[[0, 1], [2]]), "partition"),  # layer 3 missing
-    (dict(blocks=[[0, 1], [1, 2, 3]]), "partition"),  # layer 1 twice
-    (dict(blocks=[[0, 1], [2, 3, 4]]), "partition"),  # no layer 4
-    (dict(blocks=[[0, 1], [], [2, 3]]), "non-empty"),
-    (dict(blocks=[0, 1, 2, 3]), "lists of layer indices"),
-    (dict(blocks=[[0, 1.5], [2, 3]]), "lists of layer indices"),
-    (dict(blocks=[[0, 2], [1, 3]]), "consecutive"),
-    (dict(blocks=[[1, 0], [2, 3]]), "consecutive"),
-    (dict(profile="/nonexistent/calibration.json"), "no such file"),
-])
+@pytest.mark.parametrize(
+    "options,match",
+    [
+        (dict(block_size=0), "block_size"),
+        (dict(block_size="two"), "integer"),
+        (dict(n_sink=-1), "n_sink"),
+        (dict(recent=1.5), "recent"),
+        (dict(recent_min=-3), "recent_min"),
+        (dict(blocks=[[0, 1], [2]]), "partition"),  # layer 3 missing
+        (dict(blocks=[[0, 1], [1, 2, 3]]), "partition"),  # layer 1 twice
+        (dict(blocks=[[0, 1], [2, 3, 4]]), "partition"),  # no layer 4
+        (dict(blocks=[[0, 1], [], [2, 3]]), "non-empty"),
+        (dict(blocks=[0, 1, 2, 3]), "lists of layer indices"),
+        (dict(blocks=[[0, 1.5], [2, 3]]), "lists of layer indices"),
+        (dict(blocks=[[0, 2], [1, 3]]), "consecutive"),
+        (dict(blocks=[[1, 0], [2, 3]]), "consecutive"),
+        (dict(profile="/nonexistent/calibration.json"), "no such file"),
+    ],
+)
 def test_invalid_pod_options_are_kvcli_errors(models, method, options, match):
     with pytest.raises(KvcliError, match=match):
         prefill(models["llama-gqa"], doc_ids(40), method, budget="0.5", options=options)

@@ -45,7 +45,9 @@ def test_builtin_presets_load_or_name_their_missing_method():
 def test_explicit_flags_override_a_preset(tmp_path):
     s = presets.resolve_settings(preset="streaming", budget="0.25", chunk_size=64)
     assert (s.method, str(s.budget), s.chunk_size) == ("streaming", "0.25", 64)
-    path = write(tmp_path, "description: mine\nmethod: kvmerger\nbudget: 0.4\nchunk_size: 128\noptions: {threshold: 0.8}\n")
+    path = write(
+        tmp_path, "description: mine\nmethod: kvmerger\nbudget: 0.4\nchunk_size: 128\noptions: {threshold: 0.8}\n"
+    )
     s = presets.resolve_settings(preset=str(path))
     assert (s.method, str(s.budget), s.chunk_size, s.options) == ("kvmerger", "0.4", 128, {"threshold": 0.8})
     s = presets.resolve_settings(preset=str(path), options={"threshold": 0.9}, budget="300")
@@ -54,19 +56,22 @@ def test_explicit_flags_override_a_preset(tmp_path):
     assert s.method == "h2o" and s.options == {}  # the preset's options belong to its own method
 
 
-@pytest.mark.parametrize("text,key", [
-    ("method: [full\nbudget: 0.5\n", "invalid YAML"),
-    ("- a\n- b\n", "mapping"),
-    ("method: full\nbudgett: 0.5\n", "'budgett'"),
-    ("method: full\nbudget: 1.5\n", "'budget'"),
-    ("method: full\nbudget: 0\n", "'budget'"),
-    ("method: full\nbudget: -0.2\n", "'budget'"),
-    ("method: nosuch\nbudget: 0.5\n", "'method'"),
-    ("method: streaming\noptions: {foo: 1}\n", "'options'"),
-    ("method: kvmerger\noptions: {threshold: 2}\n", "'options'"),
-    ("method: h2o\noptions: [1, 2]\n", "'options'"),
-    ("method: full\nchunk_size: 0\n", "'chunk_size'"),
-])
+@pytest.mark.parametrize(
+    "text,key",
+    [
+        ("method: [full\nbudget: 0.5\n", "invalid YAML"),
+        ("- a\n- b\n", "mapping"),
+        ("method: full\nbudgett: 0.5\n", "'budgett'"),
+        ("method: full\nbudget: 1.5\n", "'budget'"),
+        ("method: full\nbudget: 0\n", "'budget'"),
+        ("method: full\nbudget: -0.2\n", "'budget'"),
+        ("method: nosuch\nbudget: 0.5\n", "'method'"),
+        ("method: streaming\noptions: {foo: 1}\n", "'options'"),
+        ("method: kvmerger\noptions: {threshold: 2}\n", "'options'"),
+        ("method: h2o\noptions: [1, 2]\n", "'options'"),
+        ("method: full\nchunk_size: 0\n", "'chunk_size'"),
+    ],
+)
 def test_bad_preset_is_one_line_naming_file_and_key(tmp_path, text, key):
     path = write(tmp_path, text)
     with pytest.raises(KvcliError) as info:
@@ -109,9 +114,13 @@ def test_presets_command_shows_unavailable_presets_instead_of_crashing(tmp_path,
 
 def test_cli_reports_a_bad_preset_in_one_line(tmp_path):
     path = write(tmp_path, "method: full\nbudget: 2.5\n")
-    proc = subprocess.run([str(Path(sys.executable).parent / "kvcli"), "profile", "--preset", str(path), "--estimate"],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "kvcli"), "profile", "--preset", str(path), "--estimate"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2
-    lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and str(path) in lines[0] and "'budget'" in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr

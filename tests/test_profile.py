@@ -8,12 +8,13 @@ import transformers
 from typer.testing import CliRunner
 
 from kvcli import api
-from kvcli.profile import profile as prof
+from kvcli.cache.sizing import cache_shape
 from kvcli.cli.app import app
 from kvcli.core.errors import KvcliError
-from kvcli.cache.sizing import cache_shape
-from kvcli.profile.estimate import estimate_kv_bytes, load_config
 from kvcli.methods import method_names
+from kvcli.profile import profile as prof
+from kvcli.profile.estimate import estimate_kv_bytes, load_config
+
 from conftest import IdTokenizer, tiny_gemma3, tiny_llama
 
 runner = CliRunner()
@@ -79,9 +80,16 @@ def test_estimate_equals_measured_bytes(models, shape, method, budget):
 
 def test_estimate_of_the_embedded_model_layout():
     # Gemma 3 270M: 18 layers, 3 full-attention (5, 11, 17), window 512, 1 KV head x 256.
-    cfg = {"model_type": "gemma3_text", "num_hidden_layers": 18, "num_attention_heads": 4, "num_key_value_heads": 1,
-           "head_dim": 256, "hidden_size": 640, "sliding_window": 512,
-           "layer_types": ["full_attention" if i % 6 == 5 else "sliding_attention" for i in range(18)]}
+    cfg = {
+        "model_type": "gemma3_text",
+        "num_hidden_layers": 18,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 1,
+        "head_dim": 256,
+        "hidden_size": 640,
+        "sliding_window": 512,
+        "layer_types": ["full_attention" if i % 6 == 5 else "sliding_attention" for i in range(18)],
+    }
     full = estimate_kv_bytes(cfg, 8192, "full", 1.0, "float32")
     entry = 2 * 256 * 4
     assert full.kv_bytes == 3 * 8192 * entry + 15 * 511 * entry == full.kv_bytes_full
@@ -95,8 +103,16 @@ def test_estimate_of_the_embedded_model_layout():
     # + positions int64, counts, scores and obs float32 per entry
     assert merged.kv_bytes == 3 * 4096 * (entry + 8 + 3 * 4) + 15 * 511 * entry
     # a raw config.json dict and transformers' config class agree
-    assert estimate_kv_bytes(transformers.Gemma3TextConfig(**{k: v for k, v in cfg.items() if k != "model_type"}),
-                             8192, "kvmerger", 0.5, "float32").kv_bytes == merged.kv_bytes
+    assert (
+        estimate_kv_bytes(
+            transformers.Gemma3TextConfig(**{k: v for k, v in cfg.items() if k != "model_type"}),
+            8192,
+            "kvmerger",
+            0.5,
+            "float32",
+        ).kv_bytes
+        == merged.kv_bytes
+    )
 
 
 def test_estimate_rejects_bad_input(tmp_path):
@@ -123,8 +139,24 @@ def _tiny_config(tmp_path):
 
 def test_cli_estimate_from_config_json(tmp_path):
     path = _tiny_config(tmp_path)
-    result = runner.invoke(app, ["profile", "--model", str(path), "--context", "1000", "--budget", "0.35",
-                                 "--estimate", "--json", "--methods", "full,streaming,kvmerger", "--dtype", "float32"])
+    result = runner.invoke(
+        app,
+        [
+            "profile",
+            "--model",
+            str(path),
+            "--context",
+            "1000",
+            "--budget",
+            "0.35",
+            "--estimate",
+            "--json",
+            "--methods",
+            "full,streaming,kvmerger",
+            "--dtype",
+            "float32",
+        ],
+    )
     assert result.exit_code == 0, result.output
     rows = json.loads(result.stdout)
     assert [r["method"] for r in rows] == ["full", "streaming", "kvmerger"]
@@ -135,30 +167,68 @@ def test_cli_estimate_from_config_json(tmp_path):
         assert r["kv_bytes"] == expect.kv_bytes
     assert rows[1]["kv_bytes"] < rows[0]["kv_bytes"]
     # the model directory works too, and the text output says it is an estimate, per layer on request
-    result = runner.invoke(app, ["profile", "--model", str(tmp_path), "--context", "1000", "--budget", "0.35",
-                                 "--estimate", "--per-layer", "--methods", "full,h2o", "--plot", str(tmp_path / "e.png")])
+    result = runner.invoke(
+        app,
+        [
+            "profile",
+            "--model",
+            str(tmp_path),
+            "--context",
+            "1000",
+            "--budget",
+            "0.35",
+            "--estimate",
+            "--per-layer",
+            "--methods",
+            "full,h2o",
+            "--plot",
+            str(tmp_path / "e.png"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "ESTIMATE" in result.stdout and "no weights loaded" in result.stdout
     assert "per layer" in result.stdout and (tmp_path / "e.png").stat().st_size > 0
 
 
 def test_cli_estimate_unknown_model_type_reads_raw_fields(tmp_path):
-    cfg = {"model_type": "not-in-transformers", "num_hidden_layers": 2, "num_attention_heads": 4,
-           "num_key_value_heads": 2, "hidden_size": 64}
+    cfg = {
+        "model_type": "not-in-transformers",
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "hidden_size": 64,
+    }
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    result = runner.invoke(app, ["profile", "--model", str(tmp_path / "config.json"), "--context", "100",
-                                 "--estimate", "--json", "--methods", "full", "--dtype", "float16"])
+    result = runner.invoke(
+        app,
+        [
+            "profile",
+            "--model",
+            str(tmp_path / "config.json"),
+            "--context",
+            "100",
+            "--estimate",
+            "--json",
+            "--methods",
+            "full",
+            "--dtype",
+            "float16",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)[0]["kv_bytes"] == 2 * 100 * 2 * 2 * 16 * 2
 
 
-@pytest.mark.parametrize("args,match", [
-    (["--model", "/nonexistent/config.json"], "no such file"),
-    (["--methods", "full,nosuch"], "unknown method"),
-    (["--budget", "2.5"], "budget"),
-    (["--plot", "out.txt"], "--plot"),
-    (["--tokens", "0"], "--tokens"),
-])
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (["--model", "/nonexistent/config.json"], "no such file"),
+        (["--methods", "full,nosuch"], "unknown method"),
+        (["--budget", "2.5"], "budget"),
+        (["--plot", "out.txt"], "--plot"),
+        (["--tokens", "0"], "--tokens"),
+    ],
+)
 def test_cli_profile_errors_are_kvcli_errors(tmp_path, args, match):
     path = _tiny_config(tmp_path)
     base = ["profile", "--estimate", "--model", str(path)]
@@ -173,13 +243,26 @@ WORDS = "the lighthouse keeper wrote a report about ships storms lamps and the s
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
-    from tokenizers import Tokenizer, models as tok_models, pre_tokenizers
+    from tokenizers import Tokenizer, pre_tokenizers
+    from tokenizers import models as tok_models
 
     d = tmp_path_factory.mktemp("tiny-model")
-    vocab = {"[UNK]": 0, "<s>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(dict.fromkeys(WORDS + ["question", "answer", "what", "is", "main", "point", "of", "document", "?", ":"]))}}
+    vocab = {
+        "[UNK]": 0,
+        "<s>": 1,
+        "</s>": 2,
+        **{
+            w: i + 3
+            for i, w in enumerate(
+                dict.fromkeys(WORDS + ["question", "answer", "what", "is", "main", "point", "of", "document", "?", ":"])
+            )
+        },
+    }
     tk = Tokenizer(tok_models.WordLevel(vocab, unk_token="[UNK]"))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="[UNK]")
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="[UNK]"
+    )
     fast.save_pretrained(d)
     tiny_llama(2).save_pretrained(d)
     doc = d / "doc.txt"
@@ -189,9 +272,29 @@ def tiny_model_dir(tmp_path_factory):
 
 def test_cli_profile_measures_each_method(tiny_model_dir, tmp_path):
     plot = tmp_path / "p.png"
-    result = runner.invoke(app, ["profile", "--model", str(tiny_model_dir), "--doc", str(tiny_model_dir / "doc.txt"),
-                                 "--tokens", "200", "--methods", "full,streaming,h2o", "--chunk-size", "32",
-                                 "--decode-tokens", "3", "--no-isolate", "--json", "--plot", str(plot), "--quiet"])
+    result = runner.invoke(
+        app,
+        [
+            "profile",
+            "--model",
+            str(tiny_model_dir),
+            "--doc",
+            str(tiny_model_dir / "doc.txt"),
+            "--tokens",
+            "200",
+            "--methods",
+            "full,streaming,h2o",
+            "--chunk-size",
+            "32",
+            "--decode-tokens",
+            "3",
+            "--no-isolate",
+            "--json",
+            "--plot",
+            str(plot),
+            "--quiet",
+        ],
+    )
     assert result.exit_code == 0, result.output
     rows = json.loads(result.stdout)
     assert [r["method"] for r in rows] == ["full", "streaming", "h2o"]
@@ -201,9 +304,25 @@ def test_cli_profile_measures_each_method(tiny_model_dir, tmp_path):
         assert r["kv_bytes"] == r["trace"][-1]["kv_bytes"] == sum(r["kv_bytes_all_layers"])
     assert rows[0]["kv_bytes"] == rows[0]["kv_bytes_full"] and rows[1]["kv_ratio"] < 0.6
     assert plot.stat().st_size > 0
-    table = runner.invoke(app, ["profile", "--model", str(tiny_model_dir), "--doc", str(tiny_model_dir / "doc.txt"),
-                                "--methods", "full,streaming", "--chunk-size", "64", "--decode-tokens", "2",
-                                "--no-isolate", "--per-layer", "--quiet"])
+    table = runner.invoke(
+        app,
+        [
+            "profile",
+            "--model",
+            str(tiny_model_dir),
+            "--doc",
+            str(tiny_model_dir / "doc.txt"),
+            "--methods",
+            "full,streaming",
+            "--chunk-size",
+            "64",
+            "--decode-tokens",
+            "2",
+            "--no-isolate",
+            "--per-layer",
+            "--quiet",
+        ],
+    )
     assert table.exit_code == 0, table.output
     assert "streaming" in table.stdout and "peak RSS" in table.stdout and "KV bytes per layer" in table.stdout
 
@@ -216,9 +335,24 @@ def test_ctrl_c_prints_what_was_measured_and_exits_130(tiny_model_dir, monkeypat
             raise KeyboardInterrupt
 
     monkeypatch.setattr(cli_profile.ProfileProgress, "__call__", interrupt)
-    result = runner.invoke(app, ["profile", "--model", str(tiny_model_dir), "--doc", str(tiny_model_dir / "doc.txt"),
-                                 "--methods", "full,streaming,h2o", "--chunk-size", "32", "--decode-tokens", "2",
-                                 "--no-isolate", "--json"])
+    result = runner.invoke(
+        app,
+        [
+            "profile",
+            "--model",
+            str(tiny_model_dir),
+            "--doc",
+            str(tiny_model_dir / "doc.txt"),
+            "--methods",
+            "full,streaming,h2o",
+            "--chunk-size",
+            "32",
+            "--decode-tokens",
+            "2",
+            "--no-isolate",
+            "--json",
+        ],
+    )
     assert result.exit_code == 130
     rows = json.loads(result.stdout)
     assert [r["method"] for r in rows] == ["full", "streaming"]
@@ -228,8 +362,16 @@ def test_ctrl_c_prints_what_was_measured_and_exits_130(tiny_model_dir, monkeypat
 
 
 def test_isolated_child_process_reports_a_row(tiny_model_dir):
-    spec = prof.ProfileSpec(document=(tiny_model_dir / "doc.txt").read_text(), methods=["streaming"], budget="0.5",
-                            chunk_size=64, decode_tokens=2, model=str(tiny_model_dir), device="cpu", dtype="float32")
+    spec = prof.ProfileSpec(
+        document=(tiny_model_dir / "doc.txt").read_text(),
+        methods=["streaming"],
+        budget="0.5",
+        chunk_size=64,
+        decode_tokens=2,
+        model=str(tiny_model_dir),
+        device="cpu",
+        dtype="float32",
+    )
     events = []
     result = prof.run_profile(spec, isolate=True, on_event=lambda e, m, d: events.append(e))
     (row,) = result.rows
@@ -241,8 +383,21 @@ def test_isolated_child_process_reports_a_row(tiny_model_dir):
 
 @pytest.mark.slow
 def test_profile_embedded_model_small():
-    result = runner.invoke(app, ["profile", "--tokens", "600", "--methods", "full,streaming", "--decode-tokens", "2",
-                                 "--no-isolate", "--json", "--quiet"])
+    result = runner.invoke(
+        app,
+        [
+            "profile",
+            "--tokens",
+            "600",
+            "--methods",
+            "full,streaming",
+            "--decode-tokens",
+            "2",
+            "--no-isolate",
+            "--json",
+            "--quiet",
+        ],
+    )
     assert result.exit_code == 0, result.output
     full, streaming = json.loads(result.stdout)
     assert full["kv_bytes"] == full["kv_bytes_full"]

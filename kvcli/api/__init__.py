@@ -15,5 +15,15 @@ from .context import Answer, Context
 from .prefilling import DocumentTooLong, open_document, prefill
 from .report import PrefillReport
 
-__all__ = ["Answer", "Context", "DocumentTooLong", "LoadedModel", "PrefillReport", "Sampler", "load_model", "open_document",
-           "prefill", "wrap_model"]
+__all__ = [
+    "Answer",
+    "Context",
+    "DocumentTooLong",
+    "LoadedModel",
+    "PrefillReport",
+    "Sampler",
+    "load_model",
+    "open_document",
+    "prefill",
+    "wrap_model",
+]

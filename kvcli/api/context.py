@@ -77,7 +77,7 @@ class Context:
         sampler = sampler or Sampler()
         out: list[int] = []
         try:
-            logits = self.engine.last_logits
+            logits = self.engine.context_logits()
             ids = torch.as_tensor([] if suffix_ids is None else suffix_ids, dtype=torch.long).view(1, -1)
             if ids.numel():
                 for start in range(0, ids.shape[1], self.engine.chunk_size):
@@ -93,7 +93,9 @@ class Context:
             self.engine.cache.rollback(mark)
         return out
 
-    def _complete(self, suffix: str, stops: list[str], max_new_tokens: int, sampler, on_text) -> tuple[str, list[int], float]:
+    def _complete(
+        self, suffix: str, stops: list[str], max_new_tokens: int, sampler, on_text
+    ) -> tuple[str, list[int], float]:
         t0 = time.perf_counter()
         shown = ""
         tokens: list[int] = []
@@ -109,7 +111,7 @@ class Context:
             state["text"] = text
             visible = text.lstrip()
             if on_text is not None and len(visible) > len(shown) and not text.endswith("\ufffd"):
-                on_text(visible[len(shown):])
+                on_text(visible[len(shown) :])
                 shown = visible
             return cut is not None
 
@@ -118,22 +120,34 @@ class Context:
         self.decode_seconds += seconds
         final = state["text"].strip()
         if on_text is not None and len(final) > len(shown) and final.startswith(shown):
-            on_text(final[len(shown):])
+            on_text(final[len(shown) :])
         return final, tokens, seconds
 
-    def ask(self, question: str, max_new_tokens: int = defaults.ASK_MAX_NEW_TOKENS, sampler: Sampler | None = None,
-            on_text: Callable[[str], None] | None = None, answer_prefix: str = "") -> Answer:
+    def ask(
+        self,
+        question: str,
+        max_new_tokens: int = defaults.ASK_MAX_NEW_TOKENS,
+        sampler: Sampler | None = None,
+        on_text: Callable[[str], None] | None = None,
+        answer_prefix: str = "",
+    ) -> Answer:
         """Answer one question from the context (the context is left as it was)."""
-        text, tokens, secs = self._complete(self.template.question(question, answer_prefix), self.template.stop_answer,
-                                            max_new_tokens, sampler, on_text)
+        text, tokens, secs = self._complete(
+            self.template.question(question, answer_prefix), self.template.stop_answer, max_new_tokens, sampler, on_text
+        )
         ans = Answer(question=question, text=text, tokens=tokens, seconds=secs)
         self.answers.append(ans)
         return ans
 
-    def summarize(self, max_new_tokens: int = defaults.SUMMARY_MAX_NEW_TOKENS, sampler: Sampler | None = None,
-                  on_text: Callable[[str], None] | None = None) -> Answer:
-        text, tokens, secs = self._complete(self.template.summary_suffix, self.template.stop_summary,
-                                            max_new_tokens, sampler, on_text)
+    def summarize(
+        self,
+        max_new_tokens: int = defaults.SUMMARY_MAX_NEW_TOKENS,
+        sampler: Sampler | None = None,
+        on_text: Callable[[str], None] | None = None,
+    ) -> Answer:
+        text, tokens, secs = self._complete(
+            self.template.summary_suffix, self.template.stop_summary, max_new_tokens, sampler, on_text
+        )
         return Answer(question="summary", text=text, tokens=tokens, seconds=secs)
 
     @torch.inference_mode()

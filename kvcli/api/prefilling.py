@@ -60,8 +60,10 @@ def prefill(
     check_chunk_size(chunk_size)
     if isinstance(method, Method):
         if method_options:
-            raise KvcliError("method_options apply to a method given by name; a Method object holds its own options",
-                             option="method_options")
+            raise KvcliError(
+                "method_options apply to a method given by name; a Method object holds its own options",
+                option="method_options",
+            )
         meth = method
     else:
         meth = make_method(method, **(method_options or {}))

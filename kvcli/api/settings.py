@@ -61,7 +61,9 @@ def load_preset(ref: str) -> Settings:
     s = Settings(preset=str(ref), description=str(data.get("description", "")))
     if "method" in data:
         if data["method"] not in method_names():
-            raise KvcliError(f"preset {path}: key 'method': unknown method {data['method']!r} (valid: {', '.join(method_names())})")
+            raise KvcliError(
+                f"preset {path}: key 'method': unknown method {data['method']!r} (valid: {', '.join(method_names())})"
+            )
         s.method = data["method"]
     if "budget" in data:
         try:
@@ -84,8 +86,13 @@ def load_preset(ref: str) -> Settings:
     return s
 
 
-def resolve_settings(preset: str | None = None, method: str | None = None, budget: str | float | Budget | None = None,
-                     chunk_size: int | None = None, options: dict | None = None) -> Settings:
+def resolve_settings(
+    preset: str | None = None,
+    method: str | None = None,
+    budget: str | float | Budget | None = None,
+    chunk_size: int | None = None,
+    options: dict | None = None,
+) -> Settings:
     """Preset values first, then explicit settings on top; validated before any model loads.
 
     ``options``: ``KEY`` / ``METHOD.KEY`` entries (``-o``), as every command reads them
@@ -143,7 +150,16 @@ def list_presets() -> list[PresetInfo]:
                 data = None
             data = data if isinstance(data, dict) else {}
             reason = str(exc).split(": ", 1)[-1] if str(exc).startswith("preset ") else str(exc)
-            rows.append(PresetInfo(name, str(data.get("method", "?")), str(data.get("budget", "?")),
-                                   data.get("chunk_size"), data.get("options") or {},
-                                   str(data.get("description", "")), available=False, reason=reason))
+            rows.append(
+                PresetInfo(
+                    name,
+                    str(data.get("method", "?")),
+                    str(data.get("budget", "?")),
+                    data.get("chunk_size"),
+                    data.get("options") or {},
+                    str(data.get("description", "")),
+                    available=False,
+                    reason=reason,
+                )
+            )
     return rows

@@ -31,9 +31,10 @@ import importlib.util
 import os
 from collections.abc import Iterator
 
-import kvcli_kernels
 import torch
 import torch.nn.functional as F
+
+import kvcli_kernels
 
 from ..core.errors import KvcliError
 from . import flash
@@ -97,11 +98,15 @@ def resolve_backend(name: str, device: str = "auto") -> str:
         return "triton" if triton_importable() else "sdpa"
     if name == "triton":
         if not triton_importable():
-            raise KvcliError("backend triton: triton is not installed (pip install 'kvcli[gpu]'); use sdpa or auto",
-                             option="backend")
+            raise KvcliError(
+                "backend triton: triton is not installed (pip install 'kvcli[gpu]'); use sdpa or auto", option="backend"
+            )
         if not cuda and not interpret_mode():
-            raise KvcliError(f"backend triton needs a CUDA GPU and {_no_gpu(device)} (use sdpa or auto; "
-                             "TRITON_INTERPRET=1 runs the kernels on the CPU interpreter, for tests)", option="backend")
+            raise KvcliError(
+                f"backend triton needs a CUDA GPU and {_no_gpu(device)} (use sdpa or auto; "
+                "TRITON_INTERPRET=1 runs the kernels on the CPU interpreter, for tests)",
+                option="backend",
+            )
         return "triton"
     # flash
     if not cuda:

@@ -29,8 +29,8 @@ host sync per call.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -124,8 +124,7 @@ def flash_unavailable_reason() -> str | None:
         return "flash-attn needs a CUDA GPU; none is available here"
     cap = torch.cuda.get_device_capability()
     if tuple(cap) < MIN_CAPABILITY:
-        return (f"flash-attn 2 needs an Ampere or newer GPU (compute capability >= 8.0); "
-                f"this one is {cap[0]}.{cap[1]}")
+        return f"flash-attn 2 needs an Ampere or newer GPU (compute capability >= 8.0); this one is {cap[0]}.{cap[1]}"
     fn, why = _import_flash()
     return None if fn is not None else why
 
@@ -141,8 +140,12 @@ def run_flash(query, key, value, scaling: float, plan: FlashPlan) -> torch.Tenso
     if fn is None:
         raise RuntimeError(why)
     out = fn(
-        query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
-        dropout_p=0.0, softmax_scale=float(scaling), causal=True,
+        query.transpose(1, 2),
+        key.transpose(1, 2),
+        value.transpose(1, 2),
+        dropout_p=0.0,
+        softmax_scale=float(scaling),
+        causal=True,
         window_size=(plan.window_left, 0 if plan.window_left >= 0 else -1),
     )
     return out.transpose(1, 2)

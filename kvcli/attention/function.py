@@ -52,7 +52,9 @@ def _heads_share_positions(layer) -> bool:
     return not isinstance(layer, GrowingLayer) or layer.positions is None or layer.positions.shape[1] == 1
 
 
-def kvcli_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None, **kwargs):
+def kvcli_attention(
+    module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None, **kwargs
+):
     state: RunState | None = kwargs.get("kvcli_state")
     if state is None:
         raise RuntimeError("the 'kvcli' attention implementation runs only inside kvcli's engine")
@@ -60,7 +62,7 @@ def kvcli_attention(module, query, key, value, attention_mask, scaling=None, dro
         raise RuntimeError("attention logit soft-capping is not supported by kvcli")
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
     layer = state.cache.layers[module.layer_idx]
-    q_pos = state.cache.clock.positions.to(query.device)
+    q_pos = state.cache.clock.now().to(query.device)
     k_pos = layer.key_positions()
     if _heads_share_positions(layer):
         k_pos = k_pos[:, :1]
@@ -107,8 +109,9 @@ def _pod_member_attention(layer, parts, query, value, q_pos, k_pos, bias, scalin
     vd, vp = distant_proximal(value)
     pd, pp = distant_proximal(k_pos)
     bd, bp = distant_proximal(bias)
-    return triton_pod_attend(query, (distant, vd, pd, bd), (torch.cat([head, tail], dim=2), vp, pp, bp),
-                             q_pos, scaling, window)
+    return triton_pod_attend(
+        query, (distant, vd, pd, bd), (torch.cat([head, tail], dim=2), vp, pp, bp), q_pos, scaling, window
+    )
 
 
 AttentionInterface.register(ATTN_NAME, kvcli_attention)

@@ -44,12 +44,18 @@ def attend(
     g = hq // hkv
     ok = allowed_mask(q_pos, k_pos, window)  # [B, H', Lq, Lk]
     if bias is not None:
-        mask = torch.where(ok, bias.unsqueeze(2).to(query.dtype), torch.tensor(-math.inf, dtype=query.dtype, device=query.device))
+        mask = torch.where(
+            ok, bias.unsqueeze(2).to(query.dtype), torch.tensor(-math.inf, dtype=query.dtype, device=query.device)
+        )
     else:
         mask = ok
     if g > 1:
         q = query.reshape(b, hkv, g * lq, d)
-        mask = mask.unsqueeze(2).expand(mask.shape[0], mask.shape[1], g, lq, lk).reshape(mask.shape[0], mask.shape[1], g * lq, lk)
+        mask = (
+            mask.unsqueeze(2)
+            .expand(mask.shape[0], mask.shape[1], g, lq, lk)
+            .reshape(mask.shape[0], mask.shape[1], g * lq, lk)
+        )
     else:
         q = query
     out = F.scaled_dot_product_attention(q, key, value, attn_mask=mask, scale=scaling)
@@ -77,6 +83,10 @@ def received_attention(
     if bias is not None:
         logits = logits + bias.unsqueeze(2).float()
     ok = allowed_mask(q_pos, k_pos, None)
-    ok = ok.unsqueeze(2).expand(ok.shape[0], ok.shape[1], g, lq, ok.shape[-1]).reshape(ok.shape[0], ok.shape[1], g * lq, -1)
+    ok = (
+        ok.unsqueeze(2)
+        .expand(ok.shape[0], ok.shape[1], g, lq, ok.shape[-1])
+        .reshape(ok.shape[0], ok.shape[1], g * lq, -1)
+    )
     logits = logits.masked_fill(~ok, -math.inf)
     return torch.softmax(logits, dim=-1).sum(dim=2)

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, cast
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import Cache
 
 from .layers import Clock, GrowingLayer, WindowLayer
 from .sizing import cache_shape, full_bytes
@@ -30,7 +30,7 @@ class KVCache(Cache):
         self.shape = cache_shape(config)
         self.clock = Clock()
         self.config_ref = self.shape.config
-        layers: list[CacheLayerMixin] = []
+        layers: list[Any] = []
         for i, kind in enumerate(self.shape.layer_kinds):
             if kind == "sliding":
                 layers.append(WindowLayer(self.clock, i, self.shape.sliding_window or 0))
@@ -51,46 +51,50 @@ class KVCache(Cache):
         self.seen += n_tokens
 
     @property
+    def kv_layers(self) -> list[GrowingLayer | WindowLayer]:
+        """``layers``, typed: every layer is one kvcli built (PoD swaps in ``SharedKeyLayer``s)."""
+        return cast("list[GrowingLayer | WindowLayer]", self.layers)
+
+    @property
     def growing_layers(self) -> list[GrowingLayer]:
-        return [layer for layer in self.layers if isinstance(layer, GrowingLayer)]
+        return [layer for layer in self.kv_layers if isinstance(layer, GrowingLayer)]
 
     @property
     def growing_indices(self) -> list[int]:
-        return [i for i, layer in enumerate(self.layers) if isinstance(layer, GrowingLayer)]
+        return [i for i, layer in enumerate(self.kv_layers) if isinstance(layer, GrowingLayer)]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seen
 
     def reserve(self, extra: int) -> None:
-        for layer in self.layers:
+        for layer in self.kv_layers:
             layer.reserve(extra)
 
     def compact(self) -> None:
-        for layer in self.layers:
+        for layer in self.kv_layers:
             layer.compact()
 
     def checkpoint(self) -> dict:
-        return {"seen": self.seen, "layers": [layer.checkpoint() for layer in self.layers]}
+        return {"seen": self.seen, "layers": [layer.checkpoint() for layer in self.kv_layers]}
 
     def rollback(self, state: dict) -> None:
         self.seen = state["seen"]
-        for layer, s in zip(self.layers, state["layers"], strict=True):
+        for layer, s in zip(self.kv_layers, state["layers"], strict=True):
             layer.rollback(s)
 
     # ---- accounting -------------------------------------------------------------------------
     def nbytes(self) -> int:
-        return sum(layer.nbytes() for layer in self.layers)
+        return sum(layer.nbytes() for layer in self.kv_layers)
 
     def full_bytes(self, dtype: torch.dtype) -> int:
         """What an uncompressed cache would hold for the tokens seen so far."""
         return full_bytes(replace(self.shape, dtype=dtype), self.seen)
 
     def report(self, dtype: torch.dtype) -> CacheReport:
-        idx = self.growing_indices
         return CacheReport(
             kv_bytes=self.nbytes(),
             kv_bytes_full=self.full_bytes(dtype),
-            per_layer=[layer.nbytes() for layer in self.layers],
-            kept_tokens=[self.layers[i].length for i in idx],
-            compressed_layers=idx,
+            per_layer=[layer.nbytes() for layer in self.kv_layers],
+            kept_tokens=[layer.length for layer in self.growing_layers],
+            compressed_layers=self.growing_indices,
         )

@@ -15,6 +15,8 @@ positions/biases and adds attention statistics; methods rewrite a layer only thr
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
@@ -28,6 +30,12 @@ class Clock:
 
     def __init__(self) -> None:
         self.positions: torch.Tensor | None = None  # [Lq] long
+
+    def now(self) -> torch.Tensor:
+        """The positions announced for the current forward."""
+        if self.positions is None:
+            raise RuntimeError("no forward in progress: KVCache.begin_forward announces the positions")
+        return self.positions
 
 
 class GrowingLayer(CacheLayerMixin):
@@ -43,17 +51,22 @@ class GrowingLayer(CacheLayerMixin):
 
     is_sliding = False
     is_compileable = False
+    keys: torch.Tensor  # once initialized (the first ``update``)
+    values: torch.Tensor
 
     def __init__(self, clock: Clock, layer_idx: int) -> None:
         super().__init__()
         self.clock = clock
         self.layer_idx = layer_idx
+        self.track_scores = False  # set by the cache when the method needs statistics
+        self._clear()
+
+    def _clear(self) -> None:
         self.length = 0
         self.positions: torch.Tensor | None = None
         self.counts: torch.Tensor | None = None
         self.scores: torch.Tensor | None = None
         self.obs: torch.Tensor | None = None
-        self.track_scores = False  # set by the cache when the method needs statistics
 
     # ---- transformers' layer API -------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -63,7 +76,9 @@ class GrowingLayer(CacheLayerMixin):
         self.values = value_states.new_empty((b, h, 0, value_states.shape[-1]))
         self.is_initialized = True
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         self.keys = self._append(self.keys, key_states, self.length)
@@ -75,7 +90,7 @@ class GrowingLayer(CacheLayerMixin):
         n, old = value_states.shape[-2], self.length
         self.values = self._append(self.values, value_states, old)
         if self.positions is not None:
-            pos = self.clock.positions.to(self.positions.device)
+            pos = self.clock.now().to(self.positions.device)
             pos = pos.view(1, 1, n).expand(self.positions.shape[0], self.positions.shape[1], n)
             self.positions = self._append(self.positions, pos, old)
         if self.counts is not None:
@@ -99,7 +114,10 @@ class GrowingLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        self.__init__(self.clock, self.layer_idx)
+        """Forget everything stored (transformers' ``Cache.reset``)."""
+        self.keys = self.values = None  # type: ignore[assignment]
+        self.is_initialized = False
+        self._clear()
 
     # ---- storage helpers -----------------------------------------------------------
     def _meta_shape(self, n: int) -> tuple[int, int, int]:
@@ -119,17 +137,12 @@ class GrowingLayer(CacheLayerMixin):
         if not self.is_initialized:
             return
         need = self.length + extra
-
-        def grow(t: torch.Tensor | None) -> torch.Tensor | None:
-            if t is None or t.shape[2] >= need:
-                return t
-            out = t.new_zeros((*t.shape[:2], need, *t.shape[3:]))
-            out[:, :, : self.length] = t[:, :, : self.length]
-            return out
-
-        self.keys, self.values = grow(self.keys), grow(self.values)
-        self.positions, self.counts = grow(self.positions), grow(self.counts)
-        self.scores, self.obs = grow(self.scores), grow(self.obs)
+        for name in ("keys", "values", "positions", "counts", "scores", "obs"):  # keys: None in a PoD member
+            t = getattr(self, name)
+            if t is not None and t.shape[2] < need:
+                out = t.new_zeros((*t.shape[:2], need, *t.shape[3:]))
+                out[:, :, : self.length] = t[:, :, : self.length]
+                setattr(self, name, out)
 
     def compact(self) -> None:
         """Drop spare capacity so the tensors hold exactly ``length`` entries."""
@@ -154,8 +167,16 @@ class GrowingLayer(CacheLayerMixin):
         return torch.ones(self._meta_shape(self.length), dtype=torch.float32, device=self.values.device)
 
     def valid(self, name: str) -> torch.Tensor | None:
+        """The first ``length`` entries of tensor ``name`` (``None`` for absent metadata)."""
         t = getattr(self, name)
         return None if t is None else t[:, :, : self.length]
+
+    def require(self, name: str) -> torch.Tensor:
+        """``valid(name)`` for a tensor the caller needs (statistics exist once the method asked for them)."""
+        t = self.valid(name)
+        if t is None:
+            raise RuntimeError(f"layer {self.layer_idx} holds no {name}")
+        return t
 
     def add_scores(self, received: torch.Tensor) -> None:
         """Record attention received by each entry from the observation window ``[B, H, length]``."""
@@ -224,16 +245,16 @@ class SharedKeyLayer(GrowingLayer):
     """
 
     split_keys = False
+    head_keys: torch.Tensor  # once initialized (the first ``update``)
+    tail_keys: torch.Tensor
 
     def __init__(self, clock: Clock, layer_idx: int, anchor: GrowingLayer, n_head: int) -> None:
         super().__init__(clock, layer_idx)
         self.anchor = anchor
         self.n_head_max = n_head
-        self.head_keys: torch.Tensor | None = None
-        self.tail_keys: torch.Tensor | None = None
 
     @classmethod
-    def from_layer(cls, layer: GrowingLayer, anchor: GrowingLayer, n_head: int) -> "SharedKeyLayer":
+    def from_layer(cls, layer: GrowingLayer, anchor: GrowingLayer, n_head: int) -> SharedKeyLayer:
         new = cls(layer.clock, layer.layer_idx, anchor, n_head)
         new.track_scores = layer.track_scores
         return new
@@ -242,7 +263,7 @@ class SharedKeyLayer(GrowingLayer):
         super().lazy_initialization(key_states, value_states)
         self.head_keys = self.keys
         self.tail_keys = self.keys
-        self.keys = None
+        self.keys = None  # type: ignore[assignment]  # no keys of its own: see key_parts()
 
     @property
     def n_tail(self) -> int:
@@ -272,7 +293,7 @@ class SharedKeyLayer(GrowingLayer):
             return torch.cat([head, tail], dim=2)
         return torch.cat([head, distant, tail], dim=2)
 
-    def valid(self, name: str):
+    def valid(self, name: str) -> torch.Tensor | None:
         if name == "keys":
             return self.assembled_keys()
         return super().valid(name)
@@ -298,8 +319,9 @@ class SharedKeyLayer(GrowingLayer):
     def nbytes(self) -> int:
         if not self.is_initialized:
             return 0
-        return tensor_bytes(self.head_keys, self.tail_keys, self.values, self.positions, self.counts,
-                             self.scores, self.obs)
+        return tensor_bytes(
+            self.head_keys, self.tail_keys, self.values, self.positions, self.counts, self.scores, self.obs
+        )
 
     def checkpoint(self) -> dict:
         if not self.is_initialized:  # nothing forwarded yet: no proximal keys to count
@@ -319,6 +341,8 @@ class WindowLayer(CacheLayerMixin):
 
     is_sliding = True
     is_compileable = False
+    keys: torch.Tensor  # once initialized (the first ``update``)
+    values: torch.Tensor
 
     def __init__(self, clock: Clock, layer_idx: int, sliding_window: int) -> None:
         super().__init__()
@@ -367,7 +391,10 @@ class WindowLayer(CacheLayerMixin):
         return self.sliding_window
 
     def reset(self) -> None:
-        self.__init__(self.clock, self.layer_idx, self.sliding_window)
+        """Forget everything stored (transformers' ``Cache.reset``)."""
+        self.keys = self.values = None  # type: ignore[assignment]
+        self.is_initialized = False
+        self.seen = 0
 
     def reserve(self, extra: int) -> None:  # bounded by the window: nothing to reserve
         return None

@@ -27,8 +27,13 @@ from ..core.errors import KvcliError
 
 INT64_BYTES, FLOAT32_BYTES = 8, 4
 SLIDING_TYPES = ("sliding_attention", "chunked_attention")
-DTYPES = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
-          "float16": torch.float16, "half": torch.float16}
+DTYPES = {
+    "float32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "half": torch.float16,
+}
 
 
 @dataclass(frozen=True)
@@ -82,9 +87,19 @@ class LayerEstimate:
         return self.keys + self.values + self.positions + self.counts + self.scores + self.obs + self.extra
 
     def as_dict(self) -> dict:
-        return {"layer": self.layer, "kind": self.kind, "entries": self.entries, "keys": self.keys,
-                "values": self.values, "positions": self.positions, "counts": self.counts,
-                "scores": self.scores, "obs": self.obs, "extra": self.extra, "bytes": self.bytes}
+        return {
+            "layer": self.layer,
+            "kind": self.kind,
+            "entries": self.entries,
+            "keys": self.keys,
+            "values": self.values,
+            "positions": self.positions,
+            "counts": self.counts,
+            "scores": self.scores,
+            "obs": self.obs,
+            "extra": self.extra,
+            "bytes": self.bytes,
+        }
 
 
 @dataclass(frozen=True)
@@ -144,20 +159,34 @@ def cache_shape(config: Any, dtype: torch.dtype | str = torch.float32) -> CacheS
     types = list(getattr(cfg, "layer_types", None) or ["full_attention"] * n)
     window = getattr(cfg, "sliding_window", None)
     kinds = tuple("sliding" if t in SLIDING_TYPES and window else "growing" for t in types[:n])
-    return CacheShape(layer_kinds=kinds, sliding_window=int(window) if window else None,
-                      num_kv_heads=int(kv_heads), head_dim=int(head_dim), dtype=resolve_dtype(dtype), config=cfg)
+    return CacheShape(
+        layer_kinds=kinds,
+        sliding_window=int(window) if window else None,
+        num_kv_heads=int(kv_heads),
+        head_dim=int(head_dim),
+        dtype=resolve_dtype(dtype),
+        config=cfg,
+    )
 
 
 # ---- prices ------------------------------------------------------------------------------------
-def growing_layer(shape: CacheShape, layer: int, entries: int, positions: bool, counts: bool,
-                  stats: bool) -> LayerEstimate:
+def growing_layer(
+    shape: CacheShape, layer: int, entries: int, positions: bool, counts: bool, stats: bool
+) -> LayerEstimate:
     """Bytes of a ``GrowingLayer`` holding ``entries`` with the given metadata present."""
     kv = entries * shape.kv_entry_bytes // 2
     meta = entries * shape.meta_elements
-    return LayerEstimate(layer=layer, kind="growing", entries=entries, keys=kv, values=kv,
-                         positions=meta * INT64_BYTES if positions else 0,
-                         counts=meta * FLOAT32_BYTES if counts else 0,
-                         scores=meta * FLOAT32_BYTES if stats else 0, obs=meta * FLOAT32_BYTES if stats else 0)
+    return LayerEstimate(
+        layer=layer,
+        kind="growing",
+        entries=entries,
+        keys=kv,
+        values=kv,
+        positions=meta * INT64_BYTES if positions else 0,
+        counts=meta * FLOAT32_BYTES if counts else 0,
+        scores=meta * FLOAT32_BYTES if stats else 0,
+        obs=meta * FLOAT32_BYTES if stats else 0,
+    )
 
 
 def window_entries(shape: CacheShape, seen: int) -> int:
@@ -174,5 +203,7 @@ def window_layer(shape: CacheShape, layer: int, seen: int) -> LayerEstimate:
 
 def full_bytes(shape: CacheShape, seen: int) -> int:
     """An uncompressed cache's K and V after ``seen`` tokens."""
-    return sum((seen if kind == "growing" else window_entries(shape, seen)) * shape.kv_entry_bytes
-               for kind in shape.layer_kinds)
+    return sum(
+        (seen if kind == "growing" else window_entries(shape, seen)) * shape.kv_entry_bytes
+        for kind in shape.layer_kinds
+    )

@@ -54,6 +54,9 @@ def main() -> None:
         if os.environ.get("KVCLI_DEBUG"):
             raise
         msg = str(exc).splitlines()[0] if str(exc) else ""
-        err.print(f"[red]kvcli: internal error:[/] {type(exc).__name__}: {escape(msg)} (set KVCLI_DEBUG=1 for details)",
-                  highlight=False, soft_wrap=True)
+        err.print(
+            f"[red]kvcli: internal error:[/] {type(exc).__name__}: {escape(msg)} (set KVCLI_DEBUG=1 for details)",
+            highlight=False,
+            soft_wrap=True,
+        )
         sys.exit(1)

@@ -31,7 +31,14 @@ from .options import (
     parse_options,
 )
 
-QueryAwareOpt = Annotated[bool, typer.Option("--query-aware/--no-query-aware", help="With a single question, let the method score context entries by the attention the question pays them (default: off; see README).")]  # noqa: E501
+QueryAwareOpt = Annotated[
+    bool,
+    typer.Option(
+        "--query-aware/--no-query-aware",
+        help="With a single question, let the method score context entries by the attention the question pays them "
+        "(default: off; see README).",
+    ),
+]
 
 
 def ask(
@@ -62,16 +69,30 @@ def ask(
     if query_aware and len(questions) != 1:
         raise KvcliError("--query-aware needs exactly one question (the question must be known before prefill)")
     sampler = Sampler(temperature=temperature, top_p=top_p, seed=seed)
-    settings = resolve_settings(preset=preset, method=method, budget=budget, chunk_size=chunk_size,
-                                options=parse_options(option))
-    ctx = prefill_document(document, settings, model, device, dtype, attn, truncate, quiet or as_json,
-                           question=questions[0] if query_aware else None)
+    settings = resolve_settings(
+        preset=preset, method=method, budget=budget, chunk_size=chunk_size, options=parse_options(option)
+    )
+    ctx = prefill_document(
+        document,
+        settings,
+        model=model,
+        device=device,
+        dtype=dtype,
+        attn=attn,
+        truncate=truncate,
+        quiet=quiet or as_json,
+        question=questions[0] if query_aware else None,
+    )
     results = []
     for i, q in enumerate(questions):
         if not as_json and len(questions) > 1:
             emit(f"{'' if i == 0 else chr(10)}Q: {q}\nA: ")
-        ans = ctx.ask(q, max_new_tokens=max_new_tokens or defaults.ASK_MAX_NEW_TOKENS, sampler=sampler,
-                      on_text=None if as_json else emit)
+        ans = ctx.ask(
+            q,
+            max_new_tokens=max_new_tokens or defaults.ASK_MAX_NEW_TOKENS,
+            sampler=sampler,
+            on_text=None if as_json else emit,
+        )
         if not as_json:
             emit("\n")
         results.append({"question": q, "answer": ans.text})

@@ -7,7 +7,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -19,7 +19,7 @@ from ..core.defaults import CALIBRATE_MEASURES as MEASURES
 from ..core.defaults import LN2
 from ..core.errors import KvcliError
 from .common import load_model
-from .options import AttnOpt, ChunkOpt, DeviceOpt, DtypeOpt, ModelOpt, QuietOpt, err, note, progress
+from .options import AttnOpt, ChunkOpt, DeviceOpt, DtypeOpt, ModelOpt, ProgressView, QuietOpt, note
 
 if TYPE_CHECKING:  # annotations only: the command body imports the library when it runs
     from ..profile.calibrate import Calibration
@@ -57,8 +57,9 @@ class Request:
         if self.max_block < 0:
             raise KvcliError(f"invalid --max-block {self.max_block}: it must be 0 (no limit) or more")
         if not self.threshold >= 0:
-            raise KvcliError(f"invalid --threshold {self.threshold}: it must be >= 0 (JSD in nats, at most "
-                             f"ln 2 = {LN2:.3f})")
+            raise KvcliError(
+                f"invalid --threshold {self.threshold}: it must be >= 0 (JSD in nats, at most ln 2 = {LN2:.3f})"
+            )
         if self.blocks is not None and self.blocks < 1:
             raise KvcliError(f"invalid --blocks {self.blocks}: it must be at least 1")
         if self.queries < 1:
@@ -75,23 +76,10 @@ class Request:
             raise KvcliError(f"invalid --chunk-size {self.chunk_size}: it must be a positive integer")
 
 
-class StageProgress:
+class StageProgress(ProgressView):
     """Prefill, then the measurement, as bars on stderr (``calibrate``'s ``on_progress``)."""
 
     UNITS = {"prefill": "tokens"}
-
-    def __init__(self, enabled: bool) -> None:
-        self.bar = progress(enabled)
-        self.tasks: dict[str, Any] = {}
-
-    def __enter__(self) -> StageProgress:
-        if self.bar is not None:
-            self.bar.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.bar is not None:
-            self.bar.stop()
 
     def __call__(self, stage: str, done: int, total: int) -> None:
         if self.bar is None:
@@ -109,11 +97,15 @@ def _render(cal: Calibration, path: Path, source: str, model: str, default_path:
     pos = {layer: i for i, layer in enumerate(cal.growing)}
     what = "attention" if cal.measure == "attention" else "own keys vs the anchor's keys"
     what += ", per KV head" if cal.heads == "group" else ", per query head"
-    table = Table(title=f"PoD calibration: {model}", title_justify="left", caption_justify="left",
-                  caption=f"{source}; {cal.tokens:,} tokens; the last {cal.queries} queries against "
-                          f"{cal.distant_keys:,} distant keys (after {cal.sinks} sinks, before the last "
-                          f"{cal.recent:,} tokens). JSD ({what}) in nats, at most ln 2 = {LN2:.3f}; "
-                          "distant share: attention the queries pay the distant keys.")
+    table = Table(
+        title=f"PoD calibration: {model}",
+        title_justify="left",
+        caption_justify="left",
+        caption=f"{source}; {cal.tokens:,} tokens; the last {cal.queries} queries against "
+        f"{cal.distant_keys:,} distant keys (after {cal.sinks} sinks, before the last "
+        f"{cal.recent:,} tokens). JSD ({what}) in nats, at most ln 2 = {LN2:.3f}; "
+        "distant share: attention the queries pay the distant keys.",
+    )
     table.add_column("layer", justify="right")
     table.add_column("block", justify="right")
     table.add_column("role")
@@ -129,37 +121,106 @@ def _render(cal: Calibration, path: Path, source: str, model: str, default_path:
         anchor = cal.blocks[b][0]
         prev = cal.matrix[i - 1][i] if i else None
         to_anchor = cal.matrix[pos[anchor]][i] if j else None
-        table.add_row(str(layer), str(b), "anchor" if j == 0 else "shares keys", fmt(prev), fmt(to_anchor),
-                      f"{100 * cal.distant_mass[i]:.1f}%")
+        table.add_row(
+            str(layer),
+            str(b),
+            "anchor" if j == 0 else "shares keys",
+            fmt(prev),
+            fmt(to_anchor),
+            f"{100 * cal.distant_mass[i]:.1f}%",
+        )
     out.print(table)
     rule = cal.rule
-    how = (f"the {rule['n_blocks'] - 1} largest consecutive JSDs cut" if rule["rule"] == "blocks" else
-           f"join while JSD to the anchor <= {rule['threshold']:.3f}, at most "
-           f"{rule['max_block'] or 'any number of'} layers a block")
+    how = (
+        f"the {rule['n_blocks'] - 1} largest consecutive JSDs cut"
+        if rule["rule"] == "blocks"
+        else f"join while JSD to the anchor <= {rule['threshold']:.3f}, at most "
+        f"{rule['max_block'] or 'any number of'} layers a block"
+    )
     out.print(f"blocks: {json.dumps(cal.blocks)}  ({how}); measured in {cal.seconds:.1f} s", soft_wrap=True)
-    note = ("PoD picks it up automatically for this model" if default_path
-            else f"use it with --method pod -o profile={path}")
+    note = (
+        "PoD picks it up automatically for this model"
+        if default_path
+        else f"use it with --method pod -o profile={path}"
+    )
     out.print(f"wrote {path} ({note})", soft_wrap=True)
 
 
 def calibrate(
-    document: Annotated[str | None, typer.Argument(help="Calibration text: .txt .md .pdf .html, or - for stdin (default: generated filler prose).", metavar="FILE", show_default=False)] = None,
+    document: Annotated[
+        str | None,
+        typer.Argument(
+            help="Calibration text: .txt .md .pdf .html, or - for stdin (default: generated filler prose).",
+            metavar="FILE",
+            show_default=False,
+        ),
+    ] = None,
     model: ModelOpt = defaults.MODEL,
-    tokens: Annotated[int | None, typer.Option("--tokens", help=f"Tokens of calibration text (default {defaults.CALIBRATE_TOKENS}; with FILE, the whole document).")] = None,
-    output: Annotated[str | None, typer.Option("--output", help="Write the profile here (default: the model's calibration profile in the kvcli cache, which PoD reads automatically).")] = None,
-    max_block: Annotated[int, typer.Option("--max-block", help="Most layers in a block (0 = no limit).")] = defaults.CALIBRATE_MAX_BLOCK,
-    threshold: Annotated[float, typer.Option("--threshold", help="A layer joins the block while its JSD (nats) to the block's first layer is at most this (the paper's similarity 0.5 read as 1 - JSD/ln2).", show_default="0.347 = ln 2 / 2")] = defaults.CALIBRATE_THRESHOLD,
-    blocks: Annotated[int | None, typer.Option("--blocks", help="Instead: exactly N blocks, cut at the N-1 largest consecutive JSDs.")] = None,
-    measure: Annotated[str, typer.Option("--measure", help="attention: JSD of two layers' own distant attention (paper); shared: JSD of a layer's attention with its own vs the anchor's distant keys.")] = "attention",
-    heads: Annotated[str, typer.Option("--heads", help="group: average the query heads of each KV head's group, compare KV heads; each: compare query head h with query head h.")] = "group",
-    queries: Annotated[int, typer.Option("--queries", help="Observed queries: the last N positions.")] = defaults.CALIBRATE_QUERIES,
-    recent: Annotated[int | None, typer.Option("--recent", help="Recent window (proximal) in tokens (default: PoD's, max(256, 12.5% of the tokens)).")] = None,
-    n_sink: Annotated[int, typer.Option("--n-sink", "--sinks", help="First tokens that are proximal (PoD's n_sink).")] = defaults.POD_N_SINK,
+    tokens: Annotated[
+        int | None,
+        typer.Option(
+            "--tokens",
+            help=f"Tokens of calibration text (default {defaults.CALIBRATE_TOKENS}; with FILE, the whole document).",
+        ),
+    ] = None,
+    output: Annotated[
+        str | None,
+        typer.Option(
+            "--output",
+            help="Write the profile here (default: the model's calibration profile in the kvcli cache, which PoD "
+            "reads automatically).",
+        ),
+    ] = None,
+    max_block: Annotated[
+        int, typer.Option("--max-block", help="Most layers in a block (0 = no limit).")
+    ] = defaults.CALIBRATE_MAX_BLOCK,
+    threshold: Annotated[
+        float,
+        typer.Option(
+            "--threshold",
+            help="A layer joins the block while its JSD (nats) to the block's first layer is at most this (the "
+            "paper's similarity 0.5 read as 1 - JSD/ln2).",
+            show_default="0.347 = ln 2 / 2",
+        ),
+    ] = defaults.CALIBRATE_THRESHOLD,
+    blocks: Annotated[
+        int | None, typer.Option("--blocks", help="Instead: exactly N blocks, cut at the N-1 largest consecutive JSDs.")
+    ] = None,
+    measure: Annotated[
+        str,
+        typer.Option(
+            "--measure",
+            help="attention: JSD of two layers' own distant attention (paper); shared: JSD of a layer's attention "
+            "with its own vs the anchor's distant keys.",
+        ),
+    ] = "attention",
+    heads: Annotated[
+        str,
+        typer.Option(
+            "--heads",
+            help="group: average the query heads of each KV head's group, compare KV heads; each: compare query head "
+            "h with query head h.",
+        ),
+    ] = "group",
+    queries: Annotated[
+        int, typer.Option("--queries", help="Observed queries: the last N positions.")
+    ] = defaults.CALIBRATE_QUERIES,
+    recent: Annotated[
+        int | None,
+        typer.Option(
+            "--recent", help="Recent window (proximal) in tokens (default: PoD's, max(256, 12.5% of the tokens))."
+        ),
+    ] = None,
+    n_sink: Annotated[
+        int, typer.Option("--n-sink", "--sinks", help="First tokens that are proximal (PoD's n_sink).")
+    ] = defaults.POD_N_SINK,
     chunk_size: ChunkOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     attn: AttnOpt = "auto",
-    as_json: Annotated[bool, typer.Option("--json", help="Print the profile JSON on stdout instead of the table.")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the profile JSON on stdout instead of the table.")
+    ] = False,
     quiet: QuietOpt = False,
 ):
     """Group PoD's full-attention layers into blocks by the similarity of their distant attention."""
@@ -199,9 +260,21 @@ def calibrate(
         ids = ids[:limit]
 
     with StageProgress(not (quiet or as_json)) as on_progress:
-        cal = run_calibration(lm, ids, threshold=threshold, max_block=max_block, n_blocks=blocks, queries=queries,
-                              recent=recent, sinks=n_sink, how=measure, heads=heads,
-                              chunk_size=chunk_size or defaults.CHUNK_SIZE, backend=backend, on_progress=on_progress)
+        cal = run_calibration(
+            lm,
+            ids,
+            threshold=threshold,
+            max_block=max_block,
+            n_blocks=blocks,
+            queries=queries,
+            recent=recent,
+            sinks=n_sink,
+            how=measure,
+            heads=heads,
+            chunk_size=chunk_size or defaults.CHUNK_SIZE,
+            backend=backend,
+            on_progress=on_progress,
+        )
     config = lm.model.config
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
     default_path = out_path is None

@@ -32,11 +32,22 @@ def load_model(model: str, device: str, dtype: str, quiet: bool) -> LoadedModel:
     try:
         return api.load_model(model, device=device, dtype=dtype, quiet=quiet, on_status=on_status)
     finally:
-        bar.stop()
+        if tasks:  # shown only while the embedded model is first converted
+            bar.stop()
 
 
-def prefill_document(document: str, settings: Settings, model: str, device: str, dtype: str, attn: str,
-                     truncate: bool, quiet: bool, question: str | None = None) -> Context:
+def prefill_document(
+    document: str,
+    settings: Settings,
+    *,
+    model: str,
+    device: str,
+    dtype: str,
+    attn: str,
+    truncate: bool,
+    quiet: bool,
+    question: str | None = None,
+) -> Context:
     """Open ``document``, load the model, prefill with a progress bar; notes on stderr."""
     from .. import api
     from ..attention.backends import resolve_backend
@@ -44,14 +55,22 @@ def prefill_document(document: str, settings: Settings, model: str, device: str,
     doc = api.open_document(document)
     backend = resolve_backend(attn, device)
     if settings.method == "pod" and not settings.budget.is_full and not quiet:
-        note("pod keeps every token (its saving is the shared distant keys); "
-             "--budget applies to pod+kvmerger and pod+snapkv, ignored here")
+        note(
+            "pod keeps every token (its saving is the shared distant keys); "
+            "--budget applies to pod+kvmerger and pod+snapkv, ignored here"
+        )
     lm = load_model(model, device, dtype, quiet)
     bar = progress(not quiet, unit="tokens")
     t0 = time.perf_counter()
-    kwargs: dict[str, Any] = dict(method=settings.method, budget=settings.budget, chunk_size=settings.chunk_size,
-                                  truncate=truncate, method_options=settings.options, backend=backend,
-                                  question=question)
+    kwargs: dict[str, Any] = dict(
+        method=settings.method,
+        budget=settings.budget,
+        chunk_size=settings.chunk_size,
+        truncate=truncate,
+        method_options=settings.options,
+        backend=backend,
+        question=question,
+    )
     try:
         if bar is None:
             ctx = api.prefill(lm, doc, **kwargs)
@@ -65,10 +84,11 @@ def prefill_document(document: str, settings: Settings, model: str, device: str,
 
                 ctx = api.prefill(lm, doc, on_progress=on_chunk, **kwargs)
     except api.DocumentTooLong as exc:
-        raise KvcliError(f"document is {exc.tokens} tokens; the model handles {exc.limit} positions ({exc.keep} for "
-                         f"the document after reserving {exc.limit - exc.keep} for the question and answer); "
-                         f"use --truncate to keep the first {exc.keep} tokens") from None
+        raise KvcliError(
+            f"document is {exc.tokens} tokens; the model handles {exc.limit} positions ({exc.keep} for "
+            f"the document after reserving {exc.limit - exc.keep} for the question and answer); "
+            f"use --truncate to keep the first {exc.keep} tokens"
+        ) from None
     if ctx.truncated and not quiet:
         note(f"document truncated: kept the first {ctx.context_tokens} tokens, dropped {ctx.truncated}")
     return ctx
-

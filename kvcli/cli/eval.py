@@ -102,16 +102,59 @@ def score_table(rows: Sequence[EvalRow], title: str | None = None) -> Table:
 
 
 def eval_command(
-    document: Annotated[str | None, typer.Argument(help="Your own document (with --questions); omit it for the synthetic tasks.")] = None,  # noqa: E501
-    questions: Annotated[str | None, typer.Option("--questions", help='JSONL file of {"question": ..., "answer": ...} (or "answers": [...], optional "metric": any|all, "answer_prefix") about DOCUMENT.')] = None,  # noqa: E501
-    methods: Annotated[str | None, typer.Option("--methods", help="Comma-separated methods (default: all; see `kvcli methods`). The full cache always runs as the reference.")] = None,  # noqa: E501
-    budgets: Annotated[str, typer.Option("--budgets", help="Comma-separated budgets: ratios in (0, 1] or token counts.")] = defaults.EVAL_BUDGETS,  # noqa: E501
-    tasks: Annotated[str | None, typer.Option("--tasks", help=f"Comma-separated task kinds: {KINDS_HELP} (default: all).")] = None,  # noqa: E501
-    lengths: Annotated[str | None, typer.Option("--lengths", help=f"Comma-separated context lengths in tokens, e.g. 2K,4K,8K (default {defaults.EVAL_LENGTHS}).")] = None,  # noqa: E501
-    samples: Annotated[int | None, typer.Option("--samples", help=f"Tasks per kind and length (default {defaults.EVAL_SAMPLES}); niah_single cycles through --depths.")] = None,  # noqa: E501
-    depths: Annotated[str | None, typer.Option("--depths", help=f"Needle depths for niah_single (default {','.join(map(str, defaults.EVAL_DEPTHS))}).")] = None,  # noqa: E501
+    document: Annotated[
+        str | None, typer.Argument(help="Your own document (with --questions); omit it for the synthetic tasks.")
+    ] = None,
+    questions: Annotated[
+        str | None,
+        typer.Option(
+            "--questions",
+            help='JSONL file of {"question": ..., "answer": ...} (or "answers": [...], optional "metric": '
+            'any|all, "answer_prefix") about DOCUMENT.',
+        ),
+    ] = None,
+    methods: Annotated[
+        str | None,
+        typer.Option(
+            "--methods",
+            help="Comma-separated methods (default: all; see `kvcli methods`). The full cache always runs as the "
+            "reference.",
+        ),
+    ] = None,
+    budgets: Annotated[
+        str, typer.Option("--budgets", help="Comma-separated budgets: ratios in (0, 1] or token counts.")
+    ] = defaults.EVAL_BUDGETS,
+    tasks: Annotated[
+        str | None, typer.Option("--tasks", help=f"Comma-separated task kinds: {KINDS_HELP} (default: all).")
+    ] = None,
+    lengths: Annotated[
+        str | None,
+        typer.Option(
+            "--lengths",
+            help=f"Comma-separated context lengths in tokens, e.g. 2K,4K,8K (default {defaults.EVAL_LENGTHS}).",
+        ),
+    ] = None,
+    samples: Annotated[
+        int | None,
+        typer.Option(
+            "--samples",
+            help=f"Tasks per kind and length (default {defaults.EVAL_SAMPLES}); niah_single cycles through --depths.",
+        ),
+    ] = None,
+    depths: Annotated[
+        str | None,
+        typer.Option(
+            "--depths", help=f"Needle depths for niah_single (default {','.join(map(str, defaults.EVAL_DEPTHS))})."
+        ),
+    ] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the synthetic tasks (same seed, same tasks).")] = 0,
-    query_aware: Annotated[bool, typer.Option("--query-aware/--no-query-aware", help="Give each question to prefill, for query-aware scoring (one prefill per question).")] = False,  # noqa: E501
+    query_aware: Annotated[
+        bool,
+        typer.Option(
+            "--query-aware/--no-query-aware",
+            help="Give each question to prefill, for query-aware scoring (one prefill per question).",
+        ),
+    ] = False,
     chunk_size: ChunkOpt = None,
     option: OptionOpt = None,
     model: ModelOpt = defaults.MODEL,
@@ -119,8 +162,13 @@ def eval_command(
     dtype: DtypeOpt = "auto",
     attn: AttnOpt = "auto",
     truncate: TruncOpt = False,
-    out: Annotated[str, typer.Option("--out", help="Directory for results.csv, results.json and results.md.")] = defaults.EVAL_OUT,  # noqa: E501
-    plot: Annotated[str | None, typer.Option("--plot", help="Directory for plots: needle depth x length heatmaps and score against budget.")] = None,  # noqa: E501
+    out: Annotated[
+        str, typer.Option("--out", help="Directory for results.csv, results.json and results.md.")
+    ] = defaults.EVAL_OUT,
+    plot: Annotated[
+        str | None,
+        typer.Option("--plot", help="Directory for plots: needle depth x length heatmaps and score against budget."),
+    ] = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -142,18 +190,29 @@ def eval_command(
     if document is not None:
         given = [k for k, v in synthetic_opts.items() if v is not None]
         if given:
-            raise KvcliError(f"{', '.join(given)} only apply to the synthetic tasks, not to a DOCUMENT with --questions")
-    settings = runner.EvalSettings(methods=parse_methods(methods, method_names()), budgets=parse_list(budgets, "--budgets"),
-                                   chunk_size=defaults.CHUNK_SIZE if chunk_size is None else chunk_size,
-                                   query_aware=query_aware, method_options=parse_options(option), truncate=truncate)
+            raise KvcliError(
+                f"{', '.join(given)} only apply to the synthetic tasks, not to a DOCUMENT with --questions"
+            )
+    settings = runner.EvalSettings(
+        methods=parse_methods(methods, method_names()),
+        budgets=parse_list(budgets, "--budgets"),
+        chunk_size=defaults.CHUNK_SIZE if chunk_size is None else chunk_size,
+        query_aware=query_aware,
+        method_options=parse_options(option),
+        truncate=truncate,
+    )
     runner.validate_methods(settings.methods, settings.budgets, settings.method_options)
     check_chunk_size(settings.chunk_size)
     settings.backend = resolve_backend(attn, device)
     suite = None
     if document is None:
-        suite = runner.SyntheticTasks(kinds=parse_kinds(tasks), lengths=parse_lengths(lengths or defaults.EVAL_LENGTHS),
-                                      samples=defaults.EVAL_SAMPLES if samples is None else samples, seed=seed,
-                                      depths=parse_depths(depths) or list(defaults.EVAL_DEPTHS))
+        suite = runner.SyntheticTasks(
+            kinds=parse_kinds(tasks),
+            lengths=parse_lengths(lengths or defaults.EVAL_LENGTHS),
+            samples=defaults.EVAL_SAMPLES if samples is None else samples,
+            seed=seed,
+            depths=parse_depths(depths) or list(defaults.EVAL_DEPTHS),
+        )
         suite.check()
         config = suite.config()
     else:
@@ -197,5 +256,8 @@ def eval_command(
         Console().print(score_table(result.rows))
     if not quiet:
         where = ", ".join(str(p) for p in paths.values())
-        err.print(f"Wrote {where}" + (f" and {len(plots)} plot(s) in {plot_dir}" if plots else ""),
-                  highlight=False, soft_wrap=True)
+        err.print(
+            f"Wrote {where}" + (f" and {len(plots)} plot(s) in {plot_dir}" if plots else ""),
+            highlight=False,
+            soft_wrap=True,
+        )

@@ -8,7 +8,7 @@ Flag names live here and in the command modules only.  Library errors name param
 from __future__ import annotations
 
 import sys
-from typing import Annotated, Any
+from typing import Annotated, Any, Self
 
 import typer
 import yaml
@@ -29,29 +29,72 @@ from ..core.errors import KvcliError
 err = Console(stderr=True)
 
 # ---- the shared options ---------------------------------------------------------------------------
-ModelOpt = Annotated[str, typer.Option("--model", help="'embedded' (Gemma 3 270M from PyPI), a local HF model directory, or a hub id in the local HF cache.")]  # noqa: E501
+ModelOpt = Annotated[
+    str,
+    typer.Option(
+        "--model",
+        help="'embedded' (Gemma 3 270M from PyPI), a local HF model directory, or a hub id in the local HF cache.",
+    ),
+]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto|cpu|cuda (auto picks CUDA when present).")]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto|float32|bfloat16|float16.")]
 MethodOpt = Annotated[str | None, typer.Option("--method", "-m", help="Compression method (see `kvcli methods`).")]
 MethodsOpt = Annotated[str | None, typer.Option("--methods", help="Comma-separated methods (see `kvcli methods`).")]
-BudgetOpt = Annotated[str | None, typer.Option("--budget", "-b", help="Ratio in (0, 1] of tokens seen, or a token count (integer > 1).")]  # noqa: E501
-PresetOpt = Annotated[str | None, typer.Option("--preset", "-p", help="Preset name (see `kvcli presets`) or a YAML file; explicit flags override it.")]  # noqa: E501
-ChunkOpt = Annotated[int | None, typer.Option("--chunk-size", help=f"Prefill chunk size in tokens (default {defaults.CHUNK_SIZE}, chosen by measurement).")]  # noqa: E501
+BudgetOpt = Annotated[
+    str | None, typer.Option("--budget", "-b", help="Ratio in (0, 1] of tokens seen, or a token count (integer > 1).")
+]
+PresetOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--preset", "-p", help="Preset name (see `kvcli presets`) or a YAML file; explicit flags override it."
+    ),
+]
+ChunkOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--chunk-size", help=f"Prefill chunk size in tokens (default {defaults.CHUNK_SIZE}, chosen by measurement)."
+    ),
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of text.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")]
 MaxNewOpt = Annotated[int | None, typer.Option("--max-new-tokens", help="Most tokens to generate per answer.")]
 TempOpt = Annotated[float, typer.Option("--temperature", help="0 = greedy (default); > 0 samples.")]
 TopPOpt = Annotated[float, typer.Option("--top-p", help="Nucleus sampling threshold (with --temperature).")]
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="Seed for sampling.")]
-TruncOpt = Annotated[bool, typer.Option("--truncate", help="If the document exceeds the model's positions, keep its first tokens (says how many were dropped).")]  # noqa: E501
+TruncOpt = Annotated[
+    bool,
+    typer.Option(
+        "--truncate",
+        help="If the document exceeds the model's positions, keep its first tokens (says how many were dropped).",
+    ),
+]
 AttnOpt = Annotated[str, typer.Option("--attn", help="Attention backend: auto|sdpa|flash|triton.")]
-OptionOpt = Annotated[list[str] | None, typer.Option("--option", "-o", help="Method option KEY=VALUE (repeatable), e.g. -o threshold=0.8; a plain KEY goes to every chosen method that has it, METHOD.KEY to one.")]  # noqa: E501
+OptionOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--option",
+        "-o",
+        help="Method option KEY=VALUE (repeatable), e.g. -o threshold=0.8; a plain KEY goes to every chosen method "
+        "that has it, METHOD.KEY to one.",
+    ),
+]
 
 #: Library parameter -> the flag that sets it (``KvcliError.option``).
 FLAGS = {
-    "model": "--model", "device": "--device", "dtype": "--dtype", "backend": "--attn", "budget": "--budget",
-    "budgets": "--budgets", "chunk_size": "--chunk-size", "truncate": "--truncate", "temperature": "--temperature",
-    "top_p": "--top-p", "option": "--option", "n_blocks": "--blocks", "methods": "--methods", "lengths": "--lengths",
+    "model": "--model",
+    "device": "--device",
+    "dtype": "--dtype",
+    "backend": "--attn",
+    "budget": "--budget",
+    "budgets": "--budgets",
+    "chunk_size": "--chunk-size",
+    "truncate": "--truncate",
+    "temperature": "--temperature",
+    "top_p": "--top-p",
+    "option": "--option",
+    "n_blocks": "--blocks",
+    "methods": "--methods",
+    "lengths": "--lengths",
     "samples": "--samples",
 }
 
@@ -119,6 +162,24 @@ def progress(enabled: bool, unit: str = "", eta: bool = False) -> Progress | Non
     if eta:
         columns += [TextColumn("eta"), TimeRemainingColumn()]
     return Progress(*columns, console=err, transient=False)
+
+
+class ProgressView:
+    """A ``progress`` display fed by a library callback (subclasses define ``__call__``):
+    ``with View(not quiet) as view: run(..., on_progress=view)``."""
+
+    def __init__(self, enabled: bool, unit: str = "") -> None:
+        self.bar = progress(enabled, unit)
+        self.tasks: dict[str, Any] = {}
+
+    def __enter__(self) -> Self:
+        if self.bar is not None:
+            self.bar.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.stop()
 
 
 def emit(text: str) -> None:

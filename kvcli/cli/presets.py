@@ -8,7 +8,9 @@ from typing import Annotated
 import typer
 
 
-def presets(as_json: Annotated[bool, typer.Option("--json", help="Print the presets as JSON on stdout.")] = False) -> None:
+def presets(
+    as_json: Annotated[bool, typer.Option("--json", help="Print the presets as JSON on stdout.")] = False,
+) -> None:
     """List the built-in budget presets (use one with --preset NAME)."""
     from ..api.settings import list_presets
 

@@ -27,11 +27,11 @@ from .options import (
     ModelOpt,
     OptionOpt,
     PresetOpt,
+    ProgressView,
     QuietOpt,
     err,
     parse_methods,
     parse_options,
-    progress,
 )
 
 if TYPE_CHECKING:  # annotations only: the command body imports the library when it runs
@@ -101,8 +101,9 @@ def _estimate_dtype(dtype: str, device: str) -> str:
 
 
 # ---- tables -------------------------------------------------------------------------------------
-def _per_layer_table(out: Console, methods: list[str], layers: list[list[tuple[str, int]]],
-                     estimate: bool = False) -> None:
+def _per_layer_table(
+    out: Console, methods: list[str], layers: list[list[tuple[str, int]]], estimate: bool = False
+) -> None:
     """One column per method: bytes of each layer (``layers[m][i]`` = (kind, bytes))."""
     table = Table(title="KV bytes per layer" + (" (estimate)" if estimate else ""), title_justify="left")
     table.add_column("layer", justify="right")
@@ -135,13 +136,22 @@ def _results_table(out: Console, rows: Sequence[ProfileRow], title: str, caption
         table.add_column("status")
     for r in rows:
         peak, base = r.peak_rss_bytes, r.rss_baseline_bytes
-        cells = [r.method, r.budget, _num(r.tokens), _size(r.kv_bytes),
-                 "-" if r.kv_ratio is None else f"{100 * r.kv_ratio:.1f}%", _size(peak),
-                 "-" if peak is None or base is None else "+" + _size(max(0, peak - base))]
+        cells = [
+            r.method,
+            r.budget,
+            _num(r.tokens),
+            _size(r.kv_bytes),
+            "-" if r.kv_ratio is None else f"{100 * r.kv_ratio:.1f}%",
+            _size(peak),
+            "-" if peak is None or base is None else "+" + _size(max(0, peak - base)),
+        ]
         if cuda:
             cells.append(_size(r.cuda_peak_bytes))
-        cells += [_num(r.prefill_tokens_per_second), _num(r.ttft_seconds, "{:.2f}"),
-                  _num(r.decode_tokens_per_second, "{:.1f}")]
+        cells += [
+            _num(r.prefill_tokens_per_second),
+            _num(r.ttft_seconds, "{:.2f}"),
+            _num(r.decode_tokens_per_second, "{:.1f}"),
+        ]
         if odd:
             cells.append(r.status if r.status != "error" else "error (see below)")
         table.add_row(*cells)
@@ -153,38 +163,39 @@ def _estimate_table(out: Console, result: EstimateResult, dtype: str) -> None:
     grow = len(shape.growing_indices)
     slide = len(shape.layer_kinds) - grow
     layout = f"{len(shape.layer_kinds)} layers ({grow} full attention" + (
-        f", {slide} sliding window {shape.sliding_window})" if slide else ")")
-    table = Table(title=f"ESTIMATE, from the configuration only (no weights loaded): {result.path}",
-                  caption=f"{layout}; {shape.num_kv_heads} KV head(s) x head_dim {shape.head_dim}; {dtype}; "
-                          f"chunk {rows[0].chunk_size}; batch 1. KV cache only (keys, values and per-entry "
-                          "metadata); weights and activations are not included.", title_justify="left")
+        f", {slide} sliding window {shape.sliding_window})" if slide else ")"
+    )
+    table = Table(
+        title=f"ESTIMATE, from the configuration only (no weights loaded): {result.path}",
+        caption=f"{layout}; {shape.num_kv_heads} KV head(s) x head_dim {shape.head_dim}; {dtype}; "
+        f"chunk {rows[0].chunk_size}; batch 1. KV cache only (keys, values and per-entry "
+        "metadata); weights and activations are not included.",
+        title_justify="left",
+    )
     for col in ("method", "budget", "context tokens"):
         table.add_column(col)
     for col in ("KV after prefill", "% of full", "KV peak in prefill", "entries per full layer"):
         table.add_column(col, justify="right")
     for r in rows:
         kept = sorted(set(r.kept_tokens))
-        table.add_row(r.method, r.budget, f"{r.context_tokens:,}", _size(r.kv_bytes), f"{100 * r.kv_ratio:.1f}%",
-                      _size(r.peak_prefill_kv_bytes), ", ".join(f"{k:,}" for k in kept) or "-")
+        table.add_row(
+            r.method,
+            r.budget,
+            f"{r.context_tokens:,}",
+            _size(r.kv_bytes),
+            f"{100 * r.kv_ratio:.1f}%",
+            _size(r.peak_prefill_kv_bytes),
+            ", ".join(f"{k:,}" for k in kept) or "-",
+        )
     out.print(table)
 
 
-class ProfileProgress:
+class ProfileProgress(ProgressView):
     """Per-method progress lines on stderr (``run_profile``'s ``on_event``)."""
 
     def __init__(self, enabled: bool) -> None:
-        self.bar = progress(enabled)
-        self.tasks: dict[str, Any] = {}
+        super().__init__(enabled)
         self.t0: dict[str, float] = {}
-
-    def __enter__(self) -> ProfileProgress:
-        if self.bar is not None:
-            self.bar.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.bar is not None:
-            self.bar.stop()
 
     def __call__(self, event: str, method: str, data: Any) -> None:
         if self.bar is None:
@@ -203,30 +214,62 @@ class ProfileProgress:
             self.bar.update(task, completed=done, total=total, info=f"prefill {rate:,.0f} tok/s")
         elif event == "done":
             r: ProfileRow = data
-            info = (f"KV {_size(r.kv_bytes)}, {_num(r.prefill_tokens_per_second)} tok/s" if r.status == "ok"
-                    else r.status)
+            info = (
+                f"KV {_size(r.kv_bytes)}, {_num(r.prefill_tokens_per_second)} tok/s" if r.status == "ok" else r.status
+            )
             self.bar.update(task, info=info)
 
 
 # ---- the command ---------------------------------------------------------------------------------
 def profile(
     budget: BudgetOpt = None,
-    methods: Annotated[str | None, typer.Option("--methods", help="Comma-separated methods to compare (default: every method, or the preset's).")] = None,  # noqa: E501
+    methods: Annotated[
+        str | None,
+        typer.Option("--methods", help="Comma-separated methods to compare (default: every method, or the preset's)."),
+    ] = None,
     preset: PresetOpt = None,
     option: OptionOpt = None,
-    doc: Annotated[str | None, typer.Option("--doc", help="Profile on this document (default: a generated haystack).")] = None,  # noqa: E501
-    tokens: Annotated[int | None, typer.Option("--tokens", "--context", help=f"Tokens to process (default {defaults.PROFILE_TOKENS}; with --doc, the whole document).")] = None,  # noqa: E501
+    doc: Annotated[
+        str | None, typer.Option("--doc", help="Profile on this document (default: a generated haystack).")
+    ] = None,
+    tokens: Annotated[
+        int | None,
+        typer.Option(
+            "--tokens",
+            "--context",
+            help=f"Tokens to process (default {defaults.PROFILE_TOKENS}; with --doc, the whole document).",
+        ),
+    ] = None,
     model: ModelOpt = defaults.MODEL,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     chunk_size: ChunkOpt = None,
     attn: AttnOpt = "auto",
-    decode_tokens: Annotated[int, typer.Option("--decode-tokens", help="Tokens to decode greedily after a short question.")] = defaults.PROFILE_DECODE_TOKENS,  # noqa: E501
+    decode_tokens: Annotated[
+        int, typer.Option("--decode-tokens", help="Tokens to decode greedily after a short question.")
+    ] = defaults.PROFILE_DECODE_TOKENS,
     per_layer: Annotated[bool, typer.Option("--per-layer", help="Also break KV bytes down by layer.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the rows (one per method) as a JSON list on stdout.")] = False,  # noqa: E501
-    plot: Annotated[str | None, typer.Option("--plot", help="Draw KV bytes and memory against tokens processed to FILE.png.")] = None,  # noqa: E501
-    estimate: Annotated[bool, typer.Option("--estimate", help="Plan only: KV memory each method would need, from the model's config.json alone (no weights loaded).")] = False,  # noqa: E501
-    isolate: Annotated[bool, typer.Option("--isolate/--no-isolate", help="Run each method in a fresh process so its peak memory is its own (default); --no-isolate is faster to start, memory less exact.")] = True,  # noqa: E501
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the rows (one per method) as a JSON list on stdout.")
+    ] = False,
+    plot: Annotated[
+        str | None, typer.Option("--plot", help="Draw KV bytes and memory against tokens processed to FILE.png.")
+    ] = None,
+    estimate: Annotated[
+        bool,
+        typer.Option(
+            "--estimate",
+            help="Plan only: KV memory each method would need, from the model's config.json alone (no weights loaded).",
+        ),
+    ] = False,
+    isolate: Annotated[
+        bool,
+        typer.Option(
+            "--isolate/--no-isolate",
+            help="Run each method in a fresh process so its peak memory is its own (default); --no-isolate is faster "
+            "to start, memory less exact.",
+        ),
+    ] = True,
     quiet: QuietOpt = False,
 ) -> None:
     """Measure memory and speed of each method on one document (or --estimate from a config)."""
@@ -237,8 +280,9 @@ def profile(
     from ..profile.profile import ProfileSpec
 
     settings = resolve_settings(preset=preset, budget=budget, chunk_size=chunk_size)
-    budget_s = str(parse_budget(budget if budget is not None
-                                else (str(settings.budget) if preset else defaults.PROFILE_BUDGET)))
+    budget_s = str(
+        parse_budget(budget if budget is not None else (str(settings.budget) if preset else defaults.PROFILE_BUDGET))
+    )
     names = parse_methods(methods, [settings.method] if preset else method_names())
     options: dict[str, dict] = {m: {} for m in names}
     if preset and settings.method in options:
@@ -254,12 +298,28 @@ def profile(
     _check_plot(plot)
     view = View(per_layer=per_layer, as_json=as_json, plot=plot, quiet=quiet)
     if estimate:
-        spec = EstimateSpec(methods=names, budget=budget_s, chunk_size=settings.chunk_size, options=options,
-                            model=model, dtype=_estimate_dtype(dtype, device))
+        spec = EstimateSpec(
+            methods=names,
+            budget=budget_s,
+            chunk_size=settings.chunk_size,
+            options=options,
+            model=model,
+            dtype=_estimate_dtype(dtype, device),
+        )
         _estimate(spec, tokens, doc, view)
         return
-    run = ProfileSpec(document="", methods=names, budget=budget_s, chunk_size=settings.chunk_size, options=options,
-                      decode_tokens=decode_tokens, model=model, device=device, dtype=dtype, backend=attn)
+    run = ProfileSpec(
+        document="",
+        methods=names,
+        budget=budget_s,
+        chunk_size=settings.chunk_size,
+        options=options,
+        decode_tokens=decode_tokens,
+        model=model,
+        device=device,
+        dtype=dtype,
+        backend=attn,
+    )
     _measure(run, doc, tokens, isolate, view)
 
 
@@ -278,8 +338,12 @@ def _estimate(spec: EstimateSpec, tokens: int | None, doc: str | None, view: Vie
         out = _out()
         _estimate_table(out, result, spec.dtype)
         if view.per_layer:
-            _per_layer_table(out, [r.method for r in result.rows],
-                             [[(layer.kind, layer.bytes) for layer in r.per_layer] for r in result.rows], estimate=True)
+            _per_layer_table(
+                out,
+                [r.method for r in result.rows],
+                [[(layer.kind, layer.bytes) for layer in r.per_layer] for r in result.rows],
+                estimate=True,
+            )
         max_pos = getattr(result.shape.config, "max_position_embeddings", None)
         if max_pos and spec.tokens > max_pos:
             err.print(f"[yellow]note:[/] {spec.tokens:,} tokens exceed the model's {max_pos:,} positions")
@@ -310,11 +374,14 @@ def _measure(spec: ProfileSpec, doc: str | None, tokens: int | None, isolate: bo
     elif rows:
         out = _out()
         first = next((r for r in rows if r.model), None)
-        caption = (f"{first.model if first else spec.model} on {first.device if first else spec.device}, "
-                   f"{first.dtype if first else spec.dtype}; chunk {spec.chunk_size}; {spec.decode_tokens} decoded "
-                   "tokens. Peak RSS: " + ("each method in a fresh process" if isolate else "all methods in this process")
-                   + " (weights included); RSS over model: above the RSS after loading. "
-                   "TTFT: prefill + question + first token.")
+        caption = (
+            f"{first.model if first else spec.model} on {first.device if first else spec.device}, "
+            f"{first.dtype if first else spec.dtype}; chunk {spec.chunk_size}; {spec.decode_tokens} decoded "
+            "tokens. Peak RSS: "
+            + ("each method in a fresh process" if isolate else "all methods in this process")
+            + " (weights included); RSS over model: above the RSS after loading. "
+            "TTFT: prefill + question + first token."
+        )
         _results_table(out, rows, f"kvcli profile: {spec.source}", caption)
         if view.per_layer:
             ok = [r for r in rows if r.kv_bytes_all_layers]

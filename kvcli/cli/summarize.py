@@ -55,11 +55,24 @@ def summarize(
     from ..api.settings import resolve_settings
 
     sampler = Sampler(temperature=temperature, top_p=top_p, seed=seed)
-    settings = resolve_settings(preset=preset, method=method, budget=budget, chunk_size=chunk_size,
-                                options=parse_options(option))
-    ctx = prefill_document(document, settings, model, device, dtype, attn, truncate, quiet or as_json)
-    ans = ctx.summarize(max_new_tokens=max_new_tokens or defaults.SUMMARY_MAX_NEW_TOKENS, sampler=sampler,
-                        on_text=None if as_json else emit)
+    settings = resolve_settings(
+        preset=preset, method=method, budget=budget, chunk_size=chunk_size, options=parse_options(option)
+    )
+    ctx = prefill_document(
+        document,
+        settings,
+        model=model,
+        device=device,
+        dtype=dtype,
+        attn=attn,
+        truncate=truncate,
+        quiet=quiet or as_json,
+    )
+    ans = ctx.summarize(
+        max_new_tokens=max_new_tokens or defaults.SUMMARY_MAX_NEW_TOKENS,
+        sampler=sampler,
+        on_text=None if as_json else emit,
+    )
     if as_json:
         print(json.dumps({"summary": ans.text, **ctx.report().as_dict()}, indent=2))
     else:

@@ -18,6 +18,7 @@ class Budget:
     def target(self, seen: int) -> int:
         if self.tokens is not None:
             return min(self.tokens, seen)
+        assert self.ratio is not None  # a budget is a ratio or a token count
         return min(seen, max(1, math.ceil(self.ratio * seen)))
 
     @property

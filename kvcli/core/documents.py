@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import codecs
 import io
+import logging
 import os
 import re
 import sys
-import logging
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,13 +32,48 @@ _CONTROL_RE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 # Tags whose contents are never visible text.
 _INVISIBLE_TAGS = (
-    "script", "style", "noscript", "template", "head", "meta", "link", "svg", "iframe", "object", "embed",
+    "script",
+    "style",
+    "noscript",
+    "template",
+    "head",
+    "meta",
+    "link",
+    "svg",
+    "iframe",
+    "object",
+    "embed",
 )
 # Block tags that start a new paragraph vs. ones that only start a new line.
 _PARAGRAPH_TAGS = (
-    "p", "div", "section", "article", "main", "header", "footer", "nav", "aside",
-    "h1", "h2", "h3", "h4", "h5", "h6", "blockquote", "pre", "ul", "ol", "dl",
-    "table", "figure", "form", "fieldset", "address", "hr", "details", "body",
+    "p",
+    "div",
+    "section",
+    "article",
+    "main",
+    "header",
+    "footer",
+    "nav",
+    "aside",
+    "h1",
+    "h2",
+    "h3",
+    "h4",
+    "h5",
+    "h6",
+    "blockquote",
+    "pre",
+    "ul",
+    "ol",
+    "dl",
+    "table",
+    "figure",
+    "form",
+    "fieldset",
+    "address",
+    "hr",
+    "details",
+    "body",
 )
 _LINE_TAGS = ("li", "tr", "dt", "dd", "caption", "figcaption", "summary", "option", "legend")
 _LINE_MARK, _PARAGRAPH_MARK, _CELL_MARK = "\ue000", "\ue001", "\ue002"
@@ -141,8 +176,12 @@ def _decode(data: bytes, name: str) -> str:
     binary = KvcliError(f"{name}: looks like a binary file, not a text document")
     text: str | None = None
     # UTF-16/32 legitimately contain NUL bytes, so honour their BOMs before the NUL check.
-    for bom, encoding in ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
-                          (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16")):
+    for bom, encoding in (
+        (codecs.BOM_UTF32_LE, "utf-32"),
+        (codecs.BOM_UTF32_BE, "utf-32"),
+        (codecs.BOM_UTF16_LE, "utf-16"),
+        (codecs.BOM_UTF16_BE, "utf-16"),
+    ):
         if data.startswith(bom):
             try:
                 text = data.decode(encoding)

@@ -75,9 +75,9 @@ class Engine:
         self.last_logits: torch.Tensor | None = None
         self.stats = PrefillStats()
         method.attach(self.cache, self.state)
-        for layer in self.cache.layers:  # PoD members: keys read in place by the Triton PoD kernel
-            if isinstance(layer, SharedKeyLayer):
-                layer.split_keys = uses_pod_kernel(backend)
+        for member in self.cache.kv_layers:  # PoD members: keys read in place by the Triton PoD kernel
+            if isinstance(member, SharedKeyLayer):
+                member.split_keys = uses_pod_kernel(backend)
 
     # ---- forwards ------------------------------------------------------------------------
     @torch.inference_mode()
@@ -147,6 +147,12 @@ class Engine:
         self.stats.report = self.cache.report(next(self.model.parameters()).dtype)
         self.stats.tokens += total
         self.stats.seconds += time.perf_counter() - t0
+        return self.context_logits()
+
+    def context_logits(self) -> torch.Tensor:
+        """Logits after the last prefilled token: where decoding starts."""
+        if self.last_logits is None:
+            raise RuntimeError("nothing has been prefilled")
         return self.last_logits
 
     # ---- decoding ------------------------------------------------------------------------

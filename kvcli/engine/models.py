@@ -144,8 +144,9 @@ def local_model_path(name: str) -> Path:
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "config.json").exists():
-            raise KvcliError(f"model {name}: directory has no config.json (not a Hugging Face model directory)",
-                             option="model")
+            raise KvcliError(
+                f"model {name}: directory has no config.json (not a Hugging Face model directory)", option="model"
+            )
         return path
     if path.exists():
         raise KvcliError(f"model {name}: expected a model directory, got a file", option="model")
@@ -173,12 +174,20 @@ def load_tokenizer(name: str | None = None, quiet: bool = False, on_status: Stat
     try:
         return AutoTokenizer.from_pretrained(str(path))
     except Exception as exc:
-        raise KvcliError(f"model {name}: cannot load its tokenizer ({type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0][:160] if str(exc) else ''})", option="model") from None
+        raise KvcliError(
+            f"model {name}: cannot load its tokenizer ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:160] if str(exc) else ''})",
+            option="model",
+        ) from None
 
 
-def load_model(name: str | None = None, device: str = "auto", dtype: str = "auto", quiet: bool = False,
-               on_status: StatusFn | None = None) -> LoadedModel:
+def load_model(
+    name: str | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    quiet: bool = False,
+    on_status: StatusFn | None = None,
+) -> LoadedModel:
     """Load a causal LM and its tokenizer with kvcli's attention function installed.
 
     ``on_status``: progress of the embedded model's first-run conversion (default: a line
@@ -192,10 +201,11 @@ def load_model(name: str | None = None, device: str = "auto", dtype: str = "auto
     label = EMBEDDED_NAME if name == defaults.MODEL else name
     try:
         tok = AutoTokenizer.from_pretrained(str(path))
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dt, attn_implementation=ATTN_NAME)
+        model: Any = AutoModelForCausalLM.from_pretrained(str(path), dtype=dt, attn_implementation=ATTN_NAME)
     except Exception as exc:  # a broken directory must not print a traceback
-        raise KvcliError(f"model {name}: cannot load ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})",
-                         option="model") from None
+        raise KvcliError(
+            f"model {name}: cannot load ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})", option="model"
+        ) from None
     model.to(dev).eval()
     is_base = name == defaults.MODEL or not getattr(tok, "chat_template", None)
     return LoadedModel(model=model, tokenizer=tok, name=label, device=dev, dtype=dt, is_base=is_base)
@@ -205,5 +215,6 @@ def wrap_model(model: Any, tokenizer: Any, name: str = "custom", is_base: bool =
     """Use an in-process model (tests, benchmarks) with kvcli's attention function."""
     model.set_attn_implementation(ATTN_NAME)
     p = next(model.parameters())
-    return LoadedModel(model=model.eval(), tokenizer=tokenizer, name=name, device=p.device, dtype=p.dtype,
-                       is_base=is_base)
+    return LoadedModel(
+        model=model.eval(), tokenizer=tokenizer, name=name, device=p.device, dtype=p.dtype, is_base=is_base
+    )

@@ -23,8 +23,30 @@ from ..core.errors import KvcliError
 STYLES = ("prose", "report", "noise")
 
 # ----------------------------------------------------------------------------- words
-_ONSETS = ("b", "br", "c", "d", "dr", "f", "g", "gr", "h", "k", "l", "m", "n", "p", "r",
-           "s", "st", "t", "th", "v", "w", "wh")
+_ONSETS = (
+    "b",
+    "br",
+    "c",
+    "d",
+    "dr",
+    "f",
+    "g",
+    "gr",
+    "h",
+    "k",
+    "l",
+    "m",
+    "n",
+    "p",
+    "r",
+    "s",
+    "st",
+    "t",
+    "th",
+    "v",
+    "w",
+    "wh",
+)
 _VOWELS = ("a", "e", "i", "o", "u", "ai", "ea", "ou")
 _CODAS = ("", "n", "r", "l", "m", "s", "th", "nd", "rk", "ll")
 _TOWN_ENDS = ("ford", "wick", "mere", "ton", "holm", "bury", "stead", "vale", "haven", "moor")
@@ -40,14 +62,51 @@ def _place(rng: random.Random, ends: tuple[str, ...]) -> str:
     return _name(rng, rng.choice((1, 1, 2))) + rng.choice(ends)
 
 
-_SMALL = ("two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven",
-          "twelve", "twenty", "thirty", "forty", "several", "a dozen", "a handful of")
+_SMALL = (
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+    "ten",
+    "eleven",
+    "twelve",
+    "twenty",
+    "thirty",
+    "forty",
+    "several",
+    "a dozen",
+    "a handful of",
+)
 _SEASONS = ("spring", "summer", "autumn", "winter")
-_MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August",
-           "September", "October", "November", "December")
+_MONTHS = (
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
+)
 _DIRS = ("north", "south", "east", "west", "upper", "lower", "old", "new")
-_TIMES = ("at dawn", "by midday", "in the late afternoon", "after dusk", "before the bells",
-          "early in the week", "on market day", "during the long evenings")
+_TIMES = (
+    "at dawn",
+    "by midday",
+    "in the late afternoon",
+    "after dusk",
+    "before the bells",
+    "early in the week",
+    "on market day",
+    "during the long evenings",
+)
 
 _TOPICS: dict[str, dict[str, tuple[str, ...]]] = {
     "weather": {
@@ -61,8 +120,18 @@ _TOPICS: dict[str, dict[str, tuple[str, ...]]] = {
             "Children counted the seconds between lightning and thunder from the {building} steps.",
             "A thin frost covered the {crop} fields, and the mist did not lift until noon.",
         ),
-        "weather": ("steady rain", "dry heat", "sudden storms", "thick fog", "hard frost",
-                    "gusty winds", "warm drizzle", "heavy snow", "clear skies", "sleet"),
+        "weather": (
+            "steady rain",
+            "dry heat",
+            "sudden storms",
+            "thick fog",
+            "hard frost",
+            "gusty winds",
+            "warm drizzle",
+            "heavy snow",
+            "clear skies",
+            "sleet",
+        ),
     },
     "trade": {
         "t": (
@@ -75,12 +144,44 @@ _TOPICS: dict[str, dict[str, tuple[str, ...]]] = {
             "The {trade} of {town} were known for fair weights and sharp bargaining.",
             "When the caravans were late, the shelves of the {building} stood empty.",
         ),
-        "goods": ("salt", "wool", "timber", "copper pots", "dried fish", "barley", "honey",
-                  "lamp oil", "leather", "river clay", "spices", "candles", "rope"),
-        "goods2": ("cheese", "iron nails", "linen", "apples", "tallow", "glassware", "tea",
-                   "firewood", "paper", "tin cups"),
-        "trade": ("weavers", "coopers", "smiths", "tanners", "potters", "chandlers",
-                  "millers", "masons", "rope makers"),
+        "goods": (
+            "salt",
+            "wool",
+            "timber",
+            "copper pots",
+            "dried fish",
+            "barley",
+            "honey",
+            "lamp oil",
+            "leather",
+            "river clay",
+            "spices",
+            "candles",
+            "rope",
+        ),
+        "goods2": (
+            "cheese",
+            "iron nails",
+            "linen",
+            "apples",
+            "tallow",
+            "glassware",
+            "tea",
+            "firewood",
+            "paper",
+            "tin cups",
+        ),
+        "trade": (
+            "weavers",
+            "coopers",
+            "smiths",
+            "tanners",
+            "potters",
+            "chandlers",
+            "millers",
+            "masons",
+            "rope makers",
+        ),
     },
     "rivers": {
         "t": (
@@ -93,8 +194,7 @@ _TOPICS: dict[str, dict[str, tuple[str, ...]]] = {
             "Boys dared each other to swim across the {river} {time}.",
             "The water of the {river} was brown with silt after every storm.",
         ),
-        "flot": ("fallen trees", "broken fences", "reeds and branches", "lost barrels",
-                 "whole hay bales"),
+        "flot": ("fallen trees", "broken fences", "reeds and branches", "lost barrels", "whole hay bales"),
     },
     "history": {
         "t": (
@@ -121,12 +221,18 @@ _TOPICS: dict[str, dict[str, tuple[str, ...]]] = {
             "Leftover {ing2} was pickled in brine and stored in the cellar.",
             "Visitors were always offered a bowl of {dish} and a cup of warm cider.",
         ),
-        "dish": ("barley stew", "onion soup", "river trout pie", "spiced lentils",
-                 "roast turnips", "plum dumplings", "mushroom broth", "oat cakes"),
-        "ing": ("thyme", "garlic", "black pepper", "fresh dill", "sage", "mustard seed",
-                "bay leaves", "wild fennel"),
-        "ing2": ("carrots", "chestnuts", "pears", "cabbage", "leeks", "beans", "parsnips",
-                 "mutton"),
+        "dish": (
+            "barley stew",
+            "onion soup",
+            "river trout pie",
+            "spiced lentils",
+            "roast turnips",
+            "plum dumplings",
+            "mushroom broth",
+            "oat cakes",
+        ),
+        "ing": ("thyme", "garlic", "black pepper", "fresh dill", "sage", "mustard seed", "bay leaves", "wild fennel"),
+        "ing2": ("carrots", "chestnuts", "pears", "cabbage", "leeks", "beans", "parsnips", "mutton"),
     },
     "engineering": {
         "t": (
@@ -139,10 +245,8 @@ _TOPICS: dict[str, dict[str, tuple[str, ...]]] = {
             "Drawings of the {machine} are kept in a chest inside the {building}.",
             "The builders used lime mortar, which hardened slowly over many seasons.",
         ),
-        "part": ("axle", "gear wheel", "sluice gate", "drive shaft", "crank", "bearing",
-                 "spillway", "pulley"),
-        "machine": ("water wheel", "pump house", "windmill", "bucket chain", "steam engine",
-                    "crane"),
+        "part": ("axle", "gear wheel", "sluice gate", "drive shaft", "crank", "bearing", "spillway", "pulley"),
+        "machine": ("water wheel", "pump house", "windmill", "bucket chain", "steam engine", "crane"),
     },
     "farming": {
         "t": (
@@ -172,24 +276,44 @@ _COMMON = {
     "dir": _DIRS,
     "time": _TIMES,
     "small": _SMALL,
-    "building": ("town hall", "granary", "chapel", "inn", "mill", "school house",
-                 "customs house", "library", "watch tower"),
+    "building": (
+        "town hall",
+        "granary",
+        "chapel",
+        "inn",
+        "mill",
+        "school house",
+        "customs house",
+        "library",
+        "watch tower",
+    ),
     "crop": ("barley", "rye", "oats", "flax", "turnips", "hops", "wheat"),
 }
-_TRANSITIONS = ("", "", "", "", "Later, ", "Even so, ", "In those years, ", "By contrast, ",
-                "Some say that ", "As a rule, ", "Meanwhile, ")
+_TRANSITIONS = (
+    "",
+    "",
+    "",
+    "",
+    "Later, ",
+    "Even so, ",
+    "In those years, ",
+    "By contrast, ",
+    "Some say that ",
+    "As a rule, ",
+    "Meanwhile, ",
+)
 
 
-def _fill(template: str, rng: random.Random, topic: dict[str, tuple[str, ...]],
-          town: str, town2: str, river: str) -> str:
+def _fill(
+    template: str, rng: random.Random, topic: dict[str, tuple[str, ...]], town: str, town2: str, river: str
+) -> str:
     values: dict[str, str] = {"town": town, "town2": town2, "river": river}
     for slot in ("season", "month", "dir", "time", "small", "building", "crop"):
         values[slot] = rng.choice(_COMMON[slot])
     for slot, words in topic.items():
         if slot != "t":
             values[slot] = rng.choice(words)
-    for slot in ("goods2", "ing2", "weather", "trade", "adj", "dish", "ing", "flot", "part",
-                 "machine", "goods"):
+    for slot in ("goods2", "ing2", "weather", "trade", "adj", "dish", "ing", "flot", "part", "machine", "goods"):
         values.setdefault(slot, "things")
     return template.format(**values)
 
@@ -215,20 +339,50 @@ def _prose(rng: random.Random) -> Iterator[str]:
 
 # ---------------------------------------------------------------------------- report
 _CREWS = ("north", "south", "harbour", "night", "day", "relief", "bridge", "depot")
-_SITES = ("pump station", "grain store", "east warehouse", "signal box", "boiler room",
-          "loading dock", "sawmill", "water tower", "quarry gate", "rail yard")
-_ITEMS = ("crates of nails", "sacks of flour", "coils of rope", "drums of oil",
-          "bales of wool", "spare valves", "lengths of pipe", "boxes of fuses")
-_STATUS = ("reported no faults", "noted minor wear", "requested spare parts",
-           "completed the inspection", "found a loose coupling", "cleared the blockage",
-           "logged a short delay", "tested the alarms", "replaced a worn belt",
-           "secured the site for the night")
+_SITES = (
+    "pump station",
+    "grain store",
+    "east warehouse",
+    "signal box",
+    "boiler room",
+    "loading dock",
+    "sawmill",
+    "water tower",
+    "quarry gate",
+    "rail yard",
+)
+_ITEMS = (
+    "crates of nails",
+    "sacks of flour",
+    "coils of rope",
+    "drums of oil",
+    "bales of wool",
+    "spare valves",
+    "lengths of pipe",
+    "boxes of fuses",
+)
+_STATUS = (
+    "reported no faults",
+    "noted minor wear",
+    "requested spare parts",
+    "completed the inspection",
+    "found a loose coupling",
+    "cleared the blockage",
+    "logged a short delay",
+    "tested the alarms",
+    "replaced a worn belt",
+    "secured the site for the night",
+)
 _READINGS = ("pressure", "temperature", "water level", "wind speed", "load")
-_TRENDS = ("steady", "slightly high", "slightly low", "rising slowly", "falling",
-           "within limits", "back to normal")
-_ACTIONS = ("Recommend a follow-up visit next week.", "No action needed.",
-            "Supervisor informed.", "Parts ordered from the main depot.",
-            "Area roped off until repairs are done.", "Entry checked and signed.")
+_TRENDS = ("steady", "slightly high", "slightly low", "rising slowly", "falling", "within limits", "back to normal")
+_ACTIONS = (
+    "Recommend a follow-up visit next week.",
+    "No action needed.",
+    "Supervisor informed.",
+    "Parts ordered from the main depot.",
+    "Area roped off until repairs are done.",
+    "Entry checked and signed.",
+)
 
 
 def _report(rng: random.Random) -> Iterator[str]:
@@ -239,22 +393,33 @@ def _report(rng: random.Random) -> Iterator[str]:
         site = rng.choice(_SITES)
         kind = rng.randrange(6)
         if kind == 0:
-            yield f"Entry {entry}, {hour:02d}:{minute:02d}: the {rng.choice(_CREWS)} crew at the {site} {rng.choice(_STATUS)}."
+            yield (
+                f"Entry {entry}, {hour:02d}:{minute:02d}: the {rng.choice(_CREWS)} crew at the {site} "
+                f"{rng.choice(_STATUS)}."
+            )
         elif kind == 1:
-            yield f"Stock check at the {site}: {rng.randint(2, 90)} {rng.choice(_ITEMS)} on hand, {rng.randint(1, 12)} damaged."
+            yield (
+                f"Stock check at the {site}: {rng.randint(2, 90)} {rng.choice(_ITEMS)} on hand, "
+                f"{rng.randint(1, 12)} damaged."
+            )
         elif kind == 2:
             yield f"Reading at {hour:02d}:{minute:02d}, {site}: {rng.choice(_READINGS)} {rng.choice(_TRENDS)}."
         elif kind == 3:
             yield rng.choice(_ACTIONS)
         elif kind == 4:
-            yield f"Shift handover: {rng.choice(_SMALL)} workers on duty, the {rng.choice(_CREWS)} crew relieved at {hour:02d}:{minute:02d}."
+            yield (
+                f"Shift handover: {rng.choice(_SMALL)} workers on duty, the {rng.choice(_CREWS)} crew relieved at "
+                f"{hour:02d}:{minute:02d}."
+            )
         else:
-            yield f"Delivery to the {site} arrived {rng.choice(('on time', 'late', 'early', 'incomplete'))}; {rng.randint(1, 40)} {rng.choice(_ITEMS)} unloaded."
+            yield (
+                f"Delivery to the {site} arrived {rng.choice(('on time', 'late', 'early', 'incomplete'))}; "
+                f"{rng.randint(1, 40)} {rng.choice(_ITEMS)} unloaded."
+            )
 
 
 # ----------------------------------------------------------------------------- noise
-_NOISE = ("The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.",
-          "There and back again.")
+_NOISE = ("The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.", "There and back again.")
 
 
 def _noise(rng: random.Random) -> Iterator[str]:
@@ -267,8 +432,17 @@ def _noise(rng: random.Random) -> Iterator[str]:
 _GENERATORS = {"prose": _prose, "report": _report, "noise": _noise}
 
 #: Very short style-neutral sentences used to close the last few tokens of a context.
-PADS = ("Yes.", "No.", "So.", "Then.", "All quiet.", "It was late.", "Time passed.",
-        "Nothing more happened.", "The day went on as usual.")
+PADS = (
+    "Yes.",
+    "No.",
+    "So.",
+    "Then.",
+    "All quiet.",
+    "It was late.",
+    "Time passed.",
+    "Nothing more happened.",
+    "The day went on as usual.",
+)
 
 
 def filler_sentences(style: str, rng: random.Random) -> Iterator[str]:

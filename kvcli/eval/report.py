@@ -55,15 +55,20 @@ def summarize(rows: Sequence[EvalRow]) -> list[RunSummary]:
         overall = _mean(list(per_kind.values()))
         if method == FULL:
             full_overall = overall
-        out.append(RunSummary(
-            method=method, budget=budget, label=FULL if method == FULL else f"{method}@{budget}",
-            scores=per_kind, overall=overall,
-            logprob_delta=_mean([r.logprob_delta for r in rs]),
-            pct_of_full=(100.0 * overall / full_overall) if full_overall and overall is not None else None,
-            kv_ratio=_mean([r.kv_ratio for r in rs]),
-            prefill_seconds=sum(r.prefill_seconds for r in rs if r.prefill_seconds is not None),
-            n=len(rs),
-        ))
+        out.append(
+            RunSummary(
+                method=method,
+                budget=budget,
+                label=FULL if method == FULL else f"{method}@{budget}",
+                scores=per_kind,
+                overall=overall,
+                logprob_delta=_mean([r.logprob_delta for r in rs]),
+                pct_of_full=(100.0 * overall / full_overall) if full_overall and overall is not None else None,
+                kv_ratio=_mean([r.kv_ratio for r in rs]),
+                prefill_seconds=sum(r.prefill_seconds for r in rs if r.prefill_seconds is not None),
+                n=len(rs),
+            )
+        )
     return out
 
 
@@ -101,15 +106,23 @@ def csv_text(rows: Sequence[EvalRow]) -> str:
     w.writeheader()
     for row in rows:
         r = row.as_dict()
-        w.writerow({**r, "answers": " | ".join(r["answers"]),
-                    **{k: ("" if r[k] is None else r[k]) for k in ("depth", "logprob", "logprob_delta", "seed")}})
+        w.writerow(
+            {
+                **r,
+                "answers": " | ".join(r["answers"]),
+                **{k: ("" if r[k] is None else r[k]) for k in ("depth", "logprob", "logprob_delta", "seed")},
+            }
+        )
     return buf.getvalue()
 
 
 def result_dict(result: EvalResult) -> dict:
     """The JSON document of a run: its settings, the summary and every row."""
-    return {"config": result.config, "summary": [s.as_dict() for s in summarize(result.rows)],
-            "rows": [r.as_dict() for r in result.rows]}
+    return {
+        "config": result.config,
+        "summary": [s.as_dict() for s in summarize(result.rows)],
+        "rows": [r.as_dict() for r in result.rows],
+    }
 
 
 def json_text(result: EvalResult) -> str:
@@ -131,21 +144,29 @@ def prepare_dir(path: str | Path, what: str = "output directory") -> Path:
     return p
 
 
-def write_results(result: EvalResult, out_dir: str | Path, stem: str = "results",
-                  command: str | None = None) -> dict[str, Path]:
+def write_results(
+    result: EvalResult, out_dir: str | Path, stem: str = "results", command: str | None = None
+) -> dict[str, Path]:
     """``{stem}.csv`` (rows), ``{stem}.json`` (config, summary, rows) and ``{stem}.md``
     (the table, with the command that produced it)."""
     out = prepare_dir(out_dir)
     paths = {"csv": out / f"{stem}.csv", "json": out / f"{stem}.json", "md": out / f"{stem}.md"}
     md = markdown_table(result.rows)
     cfg = result.config
-    notes = [f"Model: {cfg.get('model', '?')}; chunk size {cfg.get('chunk_size', '?')}"
-             + ("; query-aware" if cfg.get("query_aware") else "") + "."]
+    notes = [
+        f"Model: {cfg.get('model', '?')}; chunk size {cfg.get('chunk_size', '?')}"
+        + ("; query-aware" if cfg.get("query_aware") else "")
+        + "."
+    ]
     if cfg.get("lengths"):
-        notes.append(f"Tasks: {', '.join(cfg.get('kinds', []))} at {', '.join(map(str, cfg['lengths']))} tokens, "
-                     f"{cfg.get('samples')} sample(s) each, seed {cfg.get('seed')}.")
-    notes.append("Scores in %; overall = mean over task kinds; logprob Δ = mean per-token log-likelihood of the "
-                 "reference answer minus the full cache's; KV kept = cache bytes / full-cache bytes.")
+        notes.append(
+            f"Tasks: {', '.join(cfg.get('kinds', []))} at {', '.join(map(str, cfg['lengths']))} tokens, "
+            f"{cfg.get('samples')} sample(s) each, seed {cfg.get('seed')}."
+        )
+    notes.append(
+        "Scores in %; overall = mean over task kinds; logprob Δ = mean per-token log-likelihood of the "
+        "reference answer minus the full cache's; KV kept = cache bytes / full-cache bytes."
+    )
     if command:
         notes.append(f"Command: `{command}`")
     atomic_write_text(paths["csv"], csv_text(result.rows))
@@ -190,10 +211,10 @@ def write_plots(rows: Sequence[EvalRow], plot_dir: str | Path) -> list[Path]:
             ax.set_xlabel("context length (tokens)")
             ax.set_ylabel("needle depth")
             ax.set_title(f"niah_single: {label}")
-            for i, row in enumerate(grid):
-                for j, v in enumerate(row):
-                    if v is not None:
-                        ax.text(j, i, f"{100 * v:.0f}", ha="center", va="center", fontsize=8)
+            for i, line in enumerate(grid):
+                for j, cell in enumerate(line):
+                    if cell is not None:
+                        ax.text(j, i, f"{100 * cell:.0f}", ha="center", va="center", fontsize=8)
             fig.colorbar(im, ax=ax, fraction=0.05)
             fig.tight_layout()
             path = out / f"needle_{label.replace('@', '_at_').replace('/', '_')}.png"
@@ -209,8 +230,11 @@ def write_plots(rows: Sequence[EvalRow], plot_dir: str | Path) -> list[Path]:
         order = sorted(budgets, key=_budget_key) if numeric else budgets
         fig, ax = plt.subplots(figsize=(6.5, 4))
         for method in dict.fromkeys(s.method for s in comp):
-            pts = sorted((float(s.budget) if numeric else order.index(s.budget), s.overall)
-                         for s in comp if s.method == method and s.overall is not None)
+            pts = sorted(
+                (float(s.budget) if numeric else order.index(s.budget), s.overall)
+                for s in comp
+                if s.method == method and s.overall is not None
+            )
             if pts:
                 ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", label=method)
         full = next((s for s in summary if s.method == FULL), None)

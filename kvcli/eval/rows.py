@@ -7,8 +7,23 @@ from dataclasses import asdict, dataclass, field
 FULL = "full"  # the reference method, always run first
 
 #: Columns of a result row, in CSV order.
-COLUMNS = ("kind", "length", "depth", "sample", "method", "budget", "score", "logprob", "logprob_delta",
-           "kv_ratio", "prefill_seconds", "seed", "question", "answers", "prediction")
+COLUMNS = (
+    "kind",
+    "length",
+    "depth",
+    "sample",
+    "method",
+    "budget",
+    "score",
+    "logprob",
+    "logprob_delta",
+    "kv_ratio",
+    "prefill_seconds",
+    "seed",
+    "question",
+    "answers",
+    "prediction",
+)
 
 
 @dataclass

@@ -55,14 +55,31 @@ def items_from_tasks(tasks: Sequence[Task]) -> list[EvalItem]:
     for t in tasks:
         i = seen.get((t.kind, t.target_length), 0)
         seen[(t.kind, t.target_length)] = i + 1
-        items.append(EvalItem(kind=t.kind, context=t.context, question=t.question, answers=list(t.answers),
-                              metric=t.metric, answer_prefix=t.answer_prefix, length=t.target_length,
-                              depth=t.depth, sample=i, seed=t.seed))
+        items.append(
+            EvalItem(
+                kind=t.kind,
+                context=t.context,
+                question=t.question,
+                answers=list(t.answers),
+                metric=t.metric,
+                answer_prefix=t.answer_prefix,
+                length=t.target_length,
+                depth=t.depth,
+                sample=i,
+                seed=t.seed,
+            )
+        )
     return items
 
 
-def synthetic_items(tokenizer, kinds: Sequence[str], lengths: Sequence[int], samples: int, seed: int,
-                    depths: Sequence[float] | None = None) -> list[EvalItem]:
+def synthetic_items(
+    tokenizer,
+    kinds: Sequence[str],
+    lengths: Sequence[int],
+    samples: int,
+    seed: int,
+    depths: Sequence[float] | None = None,
+) -> list[EvalItem]:
     kw = {"depths": tuple(depths)} if depths else {}
     return items_from_tasks(generate_suite(kinds, lengths, samples, seed, tokenizer, **kw))
 
@@ -73,9 +90,19 @@ def question_items(text: str, questions: list[dict] | str, tokenizer) -> list[Ev
     if isinstance(questions, str):
         questions = load_questions(questions)
     n = len(tokenizer.encode(text, add_special_tokens=False))
-    return [EvalItem(kind="questions", context=text, question=q["question"], answers=list(q["answers"]),
-                     metric=q["metric"], answer_prefix=str(q.get("answer_prefix") or ""), length=n,
-                     sample=i) for i, q in enumerate(questions)]
+    return [
+        EvalItem(
+            kind="questions",
+            context=text,
+            question=q["question"],
+            answers=list(q["answers"]),
+            metric=q["metric"],
+            answer_prefix=str(q.get("answer_prefix") or ""),
+            length=n,
+            sample=i,
+        )
+        for i, q in enumerate(questions)
+    ]
 
 
 # ------------------------------------------------------------------ what to run
@@ -103,15 +130,23 @@ class SyntheticTasks:
                     raise KvcliError(f"length {n} is too small for task {kind}: minimum is {MIN_LENGTH[kind]} tokens")
         longest = max(self.lengths, default=0)
         if max_positions and longest + defaults.QUESTION_RESERVE > max_positions:
-            raise KvcliError(f"lengths: {longest} tokens is too long for this model ({max_positions} positions, "
-                             f"{defaults.QUESTION_RESERVE} reserved for the question and answer)", option="lengths")
+            raise KvcliError(
+                f"lengths: {longest} tokens is too long for this model ({max_positions} positions, "
+                f"{defaults.QUESTION_RESERVE} reserved for the question and answer)",
+                option="lengths",
+            )
 
     def items(self, tokenizer: Any) -> list[EvalItem]:
         return synthetic_items(tokenizer, self.kinds, self.lengths, self.samples, self.seed, self.depths)
 
     def config(self) -> dict:
-        return {"kinds": self.kinds, "lengths": self.lengths, "samples": self.samples, "seed": self.seed,
-                "depths": self.depths}
+        return {
+            "kinds": self.kinds,
+            "lengths": self.lengths,
+            "samples": self.samples,
+            "seed": self.seed,
+            "depths": self.depths,
+        }
 
 
 @dataclass
@@ -131,8 +166,9 @@ class EvalSettings:
     max_new_tokens: int | None = None
 
 
-def validate_methods(methods: Sequence[str], budgets: Sequence[str | float | Budget],
-                     options: dict | None = None) -> tuple[list[str], list[Budget], dict[str, dict]]:
+def validate_methods(
+    methods: Sequence[str], budgets: Sequence[str | float | Budget], options: dict | None = None
+) -> tuple[list[str], list[Budget], dict[str, dict]]:
     """Check names, budgets and options before any model is loaded (one-line errors); the
     options per method (``split_options``).  ``full`` is always run (once, as the reference),
     so it is dropped from ``methods``."""
@@ -162,8 +198,13 @@ def _groups(items: Sequence[EvalItem], query_aware: bool) -> list[list[EvalItem]
     return list(groups.values())
 
 
-def run_eval(lm: LoadedModel, items: Sequence[EvalItem], settings: EvalSettings | None = None,
-             on_step: Callable[[int, int, str], None] | None = None, config: dict | None = None) -> EvalResult:
+def run_eval(
+    lm: LoadedModel,
+    items: Sequence[EvalItem],
+    settings: EvalSettings | None = None,
+    on_step: Callable[[int, int, str], None] | None = None,
+    config: dict | None = None,
+) -> EvalResult:
     """Evaluate ``items`` with the full cache and every method x budget of ``settings``.
 
     Returns one row per (item, run).  ``on_step(done, total, label)`` is called before each
@@ -189,9 +230,17 @@ def run_eval(lm: LoadedModel, items: Sequence[EvalItem], settings: EvalSettings 
             if on_step is not None:
                 on_step(done, total, f"{first.kind} {first.length} {method}@{budget}")
             t0 = time.perf_counter()
-            ctx = prefill(lm, first.context, method=method, budget=budget, chunk_size=settings.chunk_size,
-                          question=first.question if settings.query_aware else None,
-                          method_options=per.get(method, {}), backend=settings.backend, truncate=settings.truncate)
+            ctx = prefill(
+                lm,
+                first.context,
+                method=method,
+                budget=budget,
+                chunk_size=settings.chunk_size,
+                question=first.question if settings.query_aware else None,
+                method_options=per.get(method, {}),
+                backend=settings.backend,
+                truncate=settings.truncate,
+            )
             prefill_seconds = time.perf_counter() - t0
             kv_ratio = ctx.report().kv_ratio
             for k, it in enumerate(group):
@@ -201,22 +250,40 @@ def run_eval(lm: LoadedModel, items: Sequence[EvalItem], settings: EvalSettings 
                 if method == FULL:
                     reference[k] = logprob
                 delta = logprob - reference[k]
-                rows.append(EvalRow(
-                    kind=it.kind, length=it.length, depth=it.depth, sample=it.sample, method=method,
-                    budget=str(budget), score=score_answers(it.answers, it.metric, ans.text),
-                    # JSON has no NaN/inf: an impossible answer (-inf) is reported as None
-                    logprob=logprob if math.isfinite(logprob) else None,
-                    logprob_delta=delta if math.isfinite(delta) else None,
-                    kv_ratio=kv_ratio, prefill_seconds=prefill_seconds, seed=it.seed, question=it.question,
-                    answers=list(it.answers), prediction=ans.text,
-                ))
+                rows.append(
+                    EvalRow(
+                        kind=it.kind,
+                        length=it.length,
+                        depth=it.depth,
+                        sample=it.sample,
+                        method=method,
+                        budget=str(budget),
+                        score=score_answers(it.answers, it.metric, ans.text),
+                        # JSON has no NaN/inf: an impossible answer (-inf) is reported as None
+                        logprob=logprob if math.isfinite(logprob) else None,
+                        logprob_delta=delta if math.isfinite(delta) else None,
+                        kv_ratio=kv_ratio,
+                        prefill_seconds=prefill_seconds,
+                        seed=it.seed,
+                        question=it.question,
+                        answers=list(it.answers),
+                        prediction=ans.text,
+                    )
+                )
             del ctx
             done += 1
     if on_step is not None:
         on_step(done, total, "done")
-    cfg = {"model": getattr(lm, "name", "custom"), "methods": [FULL, *methods], "budgets": [str(b) for b in budgets],
-           "chunk_size": settings.chunk_size, "query_aware": settings.query_aware,
-           "method_options": {m: o for m, o in per.items() if o}, "prefills": total, **(config or {})}
+    cfg = {
+        "model": getattr(lm, "name", "custom"),
+        "methods": [FULL, *methods],
+        "budgets": [str(b) for b in budgets],
+        "chunk_size": settings.chunk_size,
+        "query_aware": settings.query_aware,
+        "method_options": {m: o for m, o in per.items() if o},
+        "prefills": total,
+        **(config or {}),
+    }
     return EvalResult(rows=rows, config=cfg)
 
 
@@ -225,5 +292,16 @@ def estimate_prefill_tokens(items: Sequence[EvalItem], n_runs: int, query_aware:
     return sum(g[0].length for g in _groups(items, query_aware)) * n_runs
 
 
-__all__ = ["EvalItem", "EvalSettings", "SyntheticTasks", "run_eval", "items_from_tasks", "synthetic_items",
-           "question_items", "validate_methods", "split_options", "max_new_tokens_for", "estimate_prefill_tokens"]
+__all__ = [
+    "EvalItem",
+    "EvalSettings",
+    "SyntheticTasks",
+    "run_eval",
+    "items_from_tasks",
+    "synthetic_items",
+    "question_items",
+    "validate_methods",
+    "split_options",
+    "max_new_tokens_for",
+    "estimate_prefill_tokens",
+]

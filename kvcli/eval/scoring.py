@@ -71,8 +71,7 @@ def load_questions(path) -> list[dict]:
         except json.JSONDecodeError as e:
             raise KvcliError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
         if not isinstance(obj, dict):
-            raise KvcliError(f"{where}: expected a JSON object like "
-                             '{"question": "...", "answer": "..."}')
+            raise KvcliError(f'{where}: expected a JSON object like {{"question": "...", "answer": "..."}}')
         question = obj.get("question")
         if not isinstance(question, str) or not question.strip():
             raise KvcliError(f'{where}: "question" must be a non-empty string')

@@ -25,6 +25,7 @@ import string
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 
 from ..core.errors import KvcliError
 from .fillers import PADS, STYLES, filler_sentences
@@ -32,8 +33,14 @@ from .fillers import PADS, STYLES, filler_sentences
 KINDS = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt", "fwe")
 
 #: Smallest context (tokens) a task kind may be asked for.
-MIN_LENGTH = {"niah_single": 128, "niah_multikey": 256, "niah_multivalue": 256,
-              "niah_multiquery": 256, "vt": 256, "fwe": 256}
+MIN_LENGTH = {
+    "niah_single": 128,
+    "niah_multikey": 256,
+    "niah_multivalue": 256,
+    "niah_multiquery": 256,
+    "vt": 256,
+    "fwe": 256,
+}
 
 NEEDLE = "The special magic number for {key} is: {value}."
 _N_NEEDLES = 4  # multikey: 1 real + 3 distractors; multivalue / multiquery: 4 needles
@@ -42,23 +49,112 @@ _FWE_TOP = 3
 _FWE_ALPHA = 1.5
 
 _ADJECTIVES = (
-    "brave", "quiet", "amber", "hollow", "swift", "gentle", "silver", "crooked", "bright",
-    "distant", "frozen", "golden", "hidden", "lucky", "mellow", "narrow", "patient",
-    "rapid", "rustic", "scarlet", "shy", "sleepy", "solemn", "stormy", "sunny", "tidy",
-    "velvet", "wandering", "wild", "wooden", "young", "zesty", "bold", "calm", "clever",
-    "dusty", "eager", "fierce", "glassy", "humble", "icy", "jolly", "kind", "lofty",
-    "misty", "noble", "odd", "proud", "rosy", "sturdy",
+    "brave",
+    "quiet",
+    "amber",
+    "hollow",
+    "swift",
+    "gentle",
+    "silver",
+    "crooked",
+    "bright",
+    "distant",
+    "frozen",
+    "golden",
+    "hidden",
+    "lucky",
+    "mellow",
+    "narrow",
+    "patient",
+    "rapid",
+    "rustic",
+    "scarlet",
+    "shy",
+    "sleepy",
+    "solemn",
+    "stormy",
+    "sunny",
+    "tidy",
+    "velvet",
+    "wandering",
+    "wild",
+    "wooden",
+    "young",
+    "zesty",
+    "bold",
+    "calm",
+    "clever",
+    "dusty",
+    "eager",
+    "fierce",
+    "glassy",
+    "humble",
+    "icy",
+    "jolly",
+    "kind",
+    "lofty",
+    "misty",
+    "noble",
+    "odd",
+    "proud",
+    "rosy",
+    "sturdy",
 )
 _NOUNS = (
-    "lantern", "harbor", "falcon", "meadow", "anchor", "bramble", "canyon", "compass",
-    "cottage", "dragon", "ember", "feather", "glacier", "hammer", "island", "jasmine",
-    "kettle", "ladder", "marble", "needle", "orchard", "pebble", "quarry", "ribbon",
-    "saddle", "thimble", "umbrella", "violin", "walnut", "willow", "beacon", "cobble",
-    "dune", "fern", "garnet", "heron", "ivy", "juniper", "kite", "lagoon", "mitten",
-    "nutmeg", "otter", "pepper", "raven", "spindle", "tulip", "vessel", "wren", "yarrow",
+    "lantern",
+    "harbor",
+    "falcon",
+    "meadow",
+    "anchor",
+    "bramble",
+    "canyon",
+    "compass",
+    "cottage",
+    "dragon",
+    "ember",
+    "feather",
+    "glacier",
+    "hammer",
+    "island",
+    "jasmine",
+    "kettle",
+    "ladder",
+    "marble",
+    "needle",
+    "orchard",
+    "pebble",
+    "quarry",
+    "ribbon",
+    "saddle",
+    "thimble",
+    "umbrella",
+    "violin",
+    "walnut",
+    "willow",
+    "beacon",
+    "cobble",
+    "dune",
+    "fern",
+    "garnet",
+    "heron",
+    "ivy",
+    "juniper",
+    "kite",
+    "lagoon",
+    "mitten",
+    "nutmeg",
+    "otter",
+    "pepper",
+    "raven",
+    "spindle",
+    "tulip",
+    "vessel",
+    "wren",
+    "yarrow",
 )
 _SYLLABLES = tuple(
-    c + v for c in ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z")
+    c + v
+    for c in ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z")
     for v in ("a", "e", "i", "o", "u")
 )
 
@@ -70,12 +166,12 @@ class Task:
     question: str
     answers: list[str]
     answer_prefix: str
-    length: int          # actual token count of ``context``
-    target_length: int   # the length that was asked for
+    length: int  # actual token count of ``context``
+    target_length: int  # the length that was asked for
     depth: float | None  # needle depth (fraction of the context); None for fwe
     seed: int
-    filler: str          # filler style ("words" for fwe)
-    metric: str          # "all": fraction of answers found; "any": 1 if any is found
+    filler: str  # filler style ("words" for fwe)
+    metric: str  # "all": fraction of answers found; "any": 1 if any is found
 
 
 # ------------------------------------------------------------------ token counting
@@ -94,7 +190,7 @@ class _TokenCounter:
         missing = list(dict.fromkeys(t for t in texts if t not in self._cache))
         if missing:
             ids = self.tokenizer([" " + t for t in missing], add_special_tokens=False)["input_ids"]
-            self._cache.update((t, len(i)) for t, i in zip(missing, ids))
+            self._cache.update((t, len(i)) for t, i in zip(missing, ids, strict=True))
         return [self._cache[t] for t in texts]
 
     def piece(self, text: str) -> int:
@@ -136,8 +232,7 @@ def _assemble(fill: list[str], fill_tok: list[int], inserts: list[tuple[float, s
     return " ".join(pieces)
 
 
-def _top_up(gap: int, stream: Iterator[str], counter: _TokenCounter,
-            fill: list[str], fill_tok: list[int]) -> bool:
+def _top_up(gap: int, stream: Iterator[str], counter: _TokenCounter, fill: list[str], fill_tok: list[int]) -> bool:
     """Append whole sentences (from the stream, then short pads) that fit ``gap``."""
     added = False
     tries = 0
@@ -150,7 +245,7 @@ def _top_up(gap: int, stream: Iterator[str], counter: _TokenCounter,
             fill_tok.append(c)
             gap -= c
             added = True
-    pads = sorted(zip(counter.pieces(PADS), PADS), reverse=True)
+    pads = sorted(zip(counter.pieces(PADS), PADS, strict=True), reverse=True)
     while gap > 0:
         fitting = [(c, p) for c, p in pads if c <= gap]
         if not fitting:
@@ -163,8 +258,9 @@ def _top_up(gap: int, stream: Iterator[str], counter: _TokenCounter,
     return added
 
 
-def _haystack(counter: _TokenCounter, length: int, inserts: list[tuple[float, str]],
-              stream: Iterator[str]) -> tuple[str, int]:
+def _haystack(
+    counter: _TokenCounter, length: int, inserts: list[tuple[float, str]], stream: Iterator[str]
+) -> tuple[str, int]:
     """A context of at most ``length`` tokens (and within tolerance of it) made of filler
     sentences with ``inserts`` (depth, sentence) at sentence boundaries."""
     tol = _tolerance(length)
@@ -175,7 +271,7 @@ def _haystack(counter: _TokenCounter, length: int, inserts: list[tuple[float, st
     full = False
     while not full:
         batch = [next(stream) for _ in range(64)]
-        for s, c in zip(batch, counter.pieces(batch)):
+        for s, c in zip(batch, counter.pieces(batch), strict=True):
             if total + c > budget:
                 full = True
                 break
@@ -225,8 +321,8 @@ def _list_words(items: Sequence[str]) -> str:
 def _niah(kind: str, rng: random.Random, depth: float):
     """(inserts, question, answers, answer_prefix, metric) for the needle kinds."""
     if kind == "niah_single":
-        key, = _keys(rng, 1)
-        value, = _values(rng, 1)
+        (key,) = _keys(rng, 1)
+        (value,) = _values(rng, 1)
         inserts = [(depth, NEEDLE.format(key=key, value=value))]
         answers = [value]
     elif kind == "niah_multikey":
@@ -234,19 +330,19 @@ def _niah(kind: str, rng: random.Random, depth: float):
         values = _values(rng, _N_NEEDLES)
         key, value = keys[0], values[0]
         inserts = [(depth, NEEDLE.format(key=key, value=value))]
-        inserts += [(rng.random(), NEEDLE.format(key=k, value=v)) for k, v in zip(keys[1:], values[1:])]
+        inserts += [(rng.random(), NEEDLE.format(key=k, value=v)) for k, v in zip(keys[1:], values[1:], strict=True)]
         answers = [value]
     elif kind == "niah_multivalue":
-        key, = _keys(rng, 1)
+        (key,) = _keys(rng, 1)
         values = _values(rng, _N_NEEDLES)
         depths = [depth] + [rng.random() for _ in values[1:]]
-        inserts = [(d, NEEDLE.format(key=key, value=v)) for d, v in zip(depths, values)]
+        inserts = [(d, NEEDLE.format(key=key, value=v)) for d, v in zip(depths, values, strict=True)]
         answers = values
     else:  # niah_multiquery
         keys = _keys(rng, _N_NEEDLES)
         values = _values(rng, _N_NEEDLES)
         depths = [depth] + [rng.random() for _ in values[1:]]
-        inserts = [(d, NEEDLE.format(key=k, value=v)) for d, k, v in zip(depths, keys, values)]
+        inserts = [(d, NEEDLE.format(key=k, value=v)) for d, k, v in zip(depths, keys, values, strict=True)]
         answers = values
     inserts.sort(key=lambda x: x[0])
     if kind in ("niah_single", "niah_multikey"):
@@ -273,10 +369,10 @@ def _vt(rng: random.Random, depth: float):
             names.append(name)
     value = str(rng.randint(10_000, 99_999))
     statements = [f"VAR {names[0]} = {value}."]
-    statements += [f"VAR {b} = VAR {a}." for a, b in zip(names, names[1:])]
+    statements += [f"VAR {b} = VAR {a}." for a, b in pairwise(names)]
     # The chain is read in order: later hops sit later in the context, after ``depth``.
     depths = [depth] + sorted(depth + (1.0 - depth) * rng.random() for _ in statements[1:])
-    inserts = list(zip(depths, statements))
+    inserts = list(zip(depths, statements, strict=True))
     question = f"Find all variables that are assigned the value {value} in the text above."
     prefix = f"The variables that are assigned the value {value} in the text above are"
     return inserts, question, names, prefix, "all"
@@ -319,9 +415,9 @@ def _fwe(counter: _TokenCounter, rng: random.Random, length: int) -> tuple[str, 
     cum_weights: list[float] = []
     acc = 0.0
     for rank in range(1, len(vocab) + 1):
-        acc += rank ** -_FWE_ALPHA
+        acc += rank**-_FWE_ALPHA
         cum_weights.append(acc)
-    vocab_tok = dict(zip(vocab, counter.pieces(vocab)))
+    vocab_tok = dict(zip(vocab, counter.pieces(vocab), strict=True))
 
     words: list[str] = []
     total = 0
@@ -354,8 +450,9 @@ def _fwe(counter: _TokenCounter, rng: random.Random, length: int) -> tuple[str, 
     raise KvcliError(f"could not build a word-frequency context of {length} tokens")  # pragma: no cover
 
 
-def _generate(kind: str, counter: _TokenCounter, length: int, seed: int,
-              depth: float | None, filler: str | None) -> Task:
+def _generate(
+    kind: str, counter: _TokenCounter, length: int, seed: int, depth: float | None, filler: str | None
+) -> Task:
     if kind not in KINDS:
         raise KvcliError(f"unknown task kind {kind!r} (choose from {', '.join(KINDS)})")
     if isinstance(length, bool) or not isinstance(length, int):
@@ -374,12 +471,19 @@ def _generate(kind: str, counter: _TokenCounter, length: int, seed: int,
 
     if kind == "fwe":
         context, n, answers = _fwe(counter, rng, length)
-        return Task(kind=kind, context=context,
-                    question="What are the three most frequently appearing words in the above text?",
-                    answers=answers,
-                    answer_prefix="The three most frequently appearing words in the above text are",
-                    length=n, target_length=length, depth=None, seed=seed, filler="words",
-                    metric="all")
+        return Task(
+            kind=kind,
+            context=context,
+            question="What are the three most frequently appearing words in the above text?",
+            answers=answers,
+            answer_prefix="The three most frequently appearing words in the above text are",
+            length=n,
+            target_length=length,
+            depth=None,
+            seed=seed,
+            filler="words",
+            metric="all",
+        )
 
     depth = drawn_depth if depth is None else float(depth)
     style = drawn_style if filler is None else filler
@@ -392,13 +496,24 @@ def _generate(kind: str, counter: _TokenCounter, length: int, seed: int,
         raise _too_small(kind, length, max(MIN_LENGTH[kind], 2 * insert_tokens))
     stream = filler_sentences(style, random.Random(f"kvcli-eval-filler/{kind}/{seed}/{style}"))
     context, n = _haystack(counter, length, inserts, stream)
-    return Task(kind=kind, context=context, question=question, answers=answers,
-                answer_prefix=prefix, length=n, target_length=length, depth=depth, seed=seed,
-                filler=style, metric=metric)
+    return Task(
+        kind=kind,
+        context=context,
+        question=question,
+        answers=answers,
+        answer_prefix=prefix,
+        length=n,
+        target_length=length,
+        depth=depth,
+        seed=seed,
+        filler=style,
+        metric=metric,
+    )
 
 
-def generate_task(kind: str, tokenizer, length: int, seed: int, depth: float | None = None,
-                  filler: str | None = None) -> Task:
+def generate_task(
+    kind: str, tokenizer, length: int, seed: int, depth: float | None = None, filler: str | None = None
+) -> Task:
     """One task of ``kind`` whose context has ``length`` tokens (never more, at most 2%
     and 16 tokens fewer) under ``tokenizer`` (a Hugging Face tokenizer).
 
@@ -414,8 +529,14 @@ def _sample_seed(seed: int, i: int) -> int:
     return random.Random(f"kvcli-eval-suite/{seed}/{i}").randrange(2**31)
 
 
-def generate_suite(kinds: Iterable[str], lengths: Iterable[int], samples: int, seed: int,
-                   tokenizer, depths: Sequence[float] = (0.1, 0.3, 0.5, 0.7, 0.9)) -> list[Task]:
+def generate_suite(
+    kinds: Iterable[str],
+    lengths: Iterable[int],
+    samples: int,
+    seed: int,
+    tokenizer,
+    depths: Sequence[float] = (0.1, 0.3, 0.5, 0.7, 0.9),
+) -> list[Task]:
     """``samples`` tasks for every (kind, length). Sample ``i`` uses the same derived seed
     at every length (same needle, different haystack size), so lengths compare fairly;
     niah_single cycles through ``depths``, the other kinds draw depths from the seed."""

@@ -14,5 +14,15 @@ from .registry import (
     split_options,
 )
 
-__all__ = ["ALIASES", "COMPOSITES", "REGISTRY", "Method", "describe_methods", "has_option", "make_method",
-           "method_names", "normalize_options", "split_options"]
+__all__ = [
+    "ALIASES",
+    "COMPOSITES",
+    "REGISTRY",
+    "Method",
+    "describe_methods",
+    "has_option",
+    "make_method",
+    "method_names",
+    "normalize_options",
+    "split_options",
+]

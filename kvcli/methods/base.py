@@ -84,8 +84,9 @@ class Method:
         """Called once when a run starts, before the first forward (e.g. to swap layer storage)."""
         return None
 
-    def estimate_layers(self, shape: CacheShape, step: EstimateStep,
-                        default: list[LayerEstimate]) -> list[LayerEstimate]:
+    def estimate_layers(
+        self, shape: CacheShape, step: EstimateStep, default: list[LayerEstimate]
+    ) -> list[LayerEstimate]:
         """Per-layer bytes at one moment of a prefill, for ``kvcli profile --estimate``.
 
         ``default`` prices layers that only evict or merge within themselves; a method whose
@@ -124,8 +125,9 @@ def integer(method: Method, name: str, value: Any, minimum: int | None = None) -
     return out
 
 
-def number(method: Method, name: str, value: Any, low: float | None = None, high: float | None = None,
-           positive: bool = False) -> float:
+def number(
+    method: Method, name: str, value: Any, low: float | None = None, high: float | None = None, positive: bool = False
+) -> float:
     """A real-number option in ``[low, high]`` (``positive``: above 0)."""
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise _bad(method, name, "a number", value)

@@ -37,7 +37,7 @@ class CaM(Method):
         return True
 
     def compress_layer(self, layer: GrowingLayer, target: int) -> None:
-        scores = layer.valid("scores")
+        scores = layer.require("scores")
         b, h, n = scores.shape
         n_recent = max(1, int(target * self.recent))
         keep = keep_top(scores, target, self.n_sink, n_recent)
@@ -48,7 +48,7 @@ class CaM(Method):
         # Rank of the first kept entry after each evicted entry (in kept order).
         rank = torch.cumsum(kept.long(), dim=-1)  # kept entries at or before i
         start = rank  # evicted i: next kept has rank index == rank[i]
-        values = layer.valid("values").float()
+        values = layer.require("values").float()
         contrib = values * (prob / self.spread).unsqueeze(-1)
         diff = torch.zeros((b, h, target + 1, values.shape[-1]), dtype=torch.float32, device=values.device)
         evicted = ~kept

@@ -32,4 +32,4 @@ class H2O(Method):
 
     def compress_layer(self, layer: GrowingLayer, target: int) -> None:
         n_recent = int(target * self.recent)
-        layer.gather(keep_top(layer.valid("scores"), target, self.n_sink, n_recent))
+        layer.gather(keep_top(layer.require("scores"), target, self.n_sink, n_recent))

@@ -63,8 +63,10 @@ class KVMerger(Method):
         self.recent = fraction(self, "recent", self.recent)
         self.heavy = fraction(self, "heavy", self.heavy)
         if self.recent + self.heavy > 1:
-            raise KvcliError(f"kvmerger: options recent and heavy are shares of the budget with a sum <= 1, "
-                             f"got {self.recent} + {self.heavy}")
+            raise KvcliError(
+                f"kvmerger: options recent and heavy are shares of the budget with a sum <= 1, "
+                f"got {self.recent} + {self.heavy}"
+            )
         self.value_mode = choice(self, "value_mode", self.value_mode, ("bias", "scale"))
         self.fallback = choice(self, "fallback", self.fallback, ("merge", "evict"))
 
@@ -123,18 +125,20 @@ class KVMerger(Method):
         """Index of the highest-attention member of each set ``[B, S]`` (first on ties)."""
         b, n = scores.shape
         best = torch.full((b, n_sets), -float("inf"), device=scores.device).scatter_reduce(
-            1, set_ids, scores, reduce="amax", include_self=True)
+            1, set_ids, scores, reduce="amax", include_self=True
+        )
         is_best = scores >= best.gather(1, set_ids)
         cand = torch.where(is_best, torch.arange(n, device=scores.device).expand(b, n), n)
         return torch.full((b, n_sets), n, dtype=torch.long, device=scores.device).scatter_reduce(
-            1, set_ids, cand, reduce="amin", include_self=True)
+            1, set_ids, cand, reduce="amin", include_self=True
+        )
 
     def compress_layer(self, layer: GrowingLayer, target: int) -> None:
-        keys, values = layer.valid("keys"), layer.valid("values")
+        keys, values = layer.require("keys"), layer.require("values")
         b, h, n, d = keys.shape
         if b != 1:
             raise KvcliError("kvmerger supports batch size 1 (one document at a time)")
-        head_scores = layer.valid("scores")
+        head_scores = layer.require("scores")
         scores = head_scores.sum(1)  # [B, n]: attention received, summed over KV heads
         prot = self.protected(scores, target)
         set_ids = self.merging_sets(keys, prot, n - target)
@@ -143,10 +147,14 @@ class KVMerger(Method):
 
         rows = b * h
         mk, mv, mc = merge_sets(
-            keys.reshape(rows, n, d), values.reshape(rows, n, values.shape[-1]),
-            layer.entry_counts().reshape(rows, n), set_ids.expand(h, n) if b == 1 else set_ids.repeat_interleave(h, 0),
+            keys.reshape(rows, n, d),
+            values.reshape(rows, n, values.shape[-1]),
+            layer.entry_counts().reshape(rows, n),
+            set_ids.expand(h, n) if b == 1 else set_ids.repeat_interleave(h, 0),
             piv.expand(h, n_sets) if b == 1 else piv.repeat_interleave(h, 0),
-            self.sigma, self.value_mode, count_weighted=self.value_mode == "bias",
+            self.sigma,
+            self.value_mode,
+            count_weighted=self.value_mode == "bias",
         )
         idx_h = set_ids.unsqueeze(1).expand(b, h, n)
 
@@ -156,18 +164,27 @@ class KVMerger(Method):
         new_scores = set_sum(head_scores)
         obs = layer.valid("obs")
         new = dict(
-            keys=mk.view(b, h, n_sets, d), values=mv.view(b, h, n_sets, -1),
+            keys=mk.view(b, h, n_sets, d),
+            values=mv.view(b, h, n_sets, -1),
             positions=layer.key_positions().gather(2, piv.unsqueeze(1).expand(b, h, n_sets)),
-            counts=mc.view(b, h, n_sets).float(), scores=new_scores, obs=None if obs is None else set_sum(obs),
+            counts=mc.view(b, h, n_sets).float(),
+            scores=new_scores,
+            obs=None if obs is None else set_sum(obs),
         )
         if n_sets > target:  # too few similar pairs: evict the least-attended unprotected entries
-            set_prot = torch.zeros((b, n_sets), dtype=torch.long, device=keys.device).scatter_reduce(
-                1, set_ids, prot.long(), reduce="amax", include_self=True) > 0
+            set_prot = (
+                torch.zeros((b, n_sets), dtype=torch.long, device=keys.device).scatter_reduce(
+                    1, set_ids, prot.long(), reduce="amax", include_self=True
+                )
+                > 0
+            )
             rank = new_scores.sum(1).masked_fill(set_prot, float("inf"))
             keep = rank.topk(target, dim=1).indices.sort(dim=1).values  # [B, target]
             kh = keep.unsqueeze(1).expand(b, h, target)
             for name, t in list(new.items()):
                 if t is None:
                     continue
-                new[name] = t.gather(2, kh.unsqueeze(-1).expand(*kh.shape, t.shape[-1])) if t.dim() == 4 else t.gather(2, kh)
+                new[name] = (
+                    t.gather(2, kh.unsqueeze(-1).expand(*kh.shape, t.shape[-1])) if t.dim() == 4 else t.gather(2, kh)
+                )
         layer.assign(**new)

@@ -30,6 +30,7 @@ import json
 import math
 import operator
 from dataclasses import dataclass, field, replace
+from itertools import pairwise
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -52,6 +53,15 @@ def calibration_path(config: Any) -> Path:
     return cache_dir() / "calibration" / f"{safe}.json"
 
 
+def _block_layers(cache: KVCache, block: list[int]) -> tuple[GrowingLayer, list[SharedKeyLayer]]:
+    """A block's anchor and members, as ``PoD.attach`` made them."""
+    anchor = cache.kv_layers[block[0]]
+    members = [m for m in (cache.kv_layers[i] for i in block[1:]) if isinstance(m, SharedKeyLayer)]
+    if not isinstance(anchor, GrowingLayer) or len(members) != len(block) - 1:
+        raise RuntimeError(f"pod: block {block} is not laid out as attach() made it")
+    return anchor, members
+
+
 def _block_lists(blocks: Any, where: str) -> list[list[int]]:
     """``blocks`` as lists of layer indices, or a one-line error (whether they partition the
     growing layers is checked once the model is known, in ``PoD.choose_blocks``)."""
@@ -60,7 +70,9 @@ def _block_lists(blocks: Any, where: str) -> list[list[int]]:
             raise TypeError
         out = [[operator.index(i) for i in b] for b in blocks]
     except TypeError:
-        raise KvcliError(f"pod: {where} must be lists of layer indices, e.g. [[0, 1], [2, 3]]; got {blocks!r}") from None
+        raise KvcliError(
+            f"pod: {where} must be lists of layer indices, e.g. [[0, 1], [2, 3]]; got {blocks!r}"
+        ) from None
     if not out or not all(out):
         raise KvcliError(f"pod: {where} must be non-empty lists of layer indices; got {blocks!r}")
     return out
@@ -161,17 +173,20 @@ class PoD(Method):
         if sorted(flat) != sorted(growing) or len(set(flat)) != len(flat):
             raise KvcliError(f"pod: blocks {blocks} must partition the growing layers {growing}")
         for b in blocks:
-            if b != sorted(b) or any(growing.index(y) != growing.index(x) + 1 for x, y in zip(b, b[1:])):
+            if b != sorted(b) or any(growing.index(y) != growing.index(x) + 1 for x, y in pairwise(b)):
                 raise KvcliError(f"pod: block {b} is not a run of consecutive growing layers {growing}")
         return blocks
 
     def attach(self, cache: KVCache, state: RunState) -> None:
         """Swap the non-anchor layers of each block for shared-key storage."""
         self.chosen_blocks = self.choose_blocks(cache.growing_indices, cache.config_ref)
+        layers = cache.kv_layers
         for block in self.chosen_blocks:
-            anchor = cache.layers[block[0]]
+            anchor = layers[block[0]]
             for idx in block[1:]:
-                cache.layers[idx] = SharedKeyLayer.from_layer(cache.layers[idx], anchor, self.n_sink)
+                member = layers[idx]
+                assert isinstance(anchor, GrowingLayer) and isinstance(member, GrowingLayer)  # growing layers only
+                layers[idx] = SharedKeyLayer.from_layer(member, anchor, self.n_sink)
 
     def recent_window(self, seen: int) -> int:
         return max(self.recent_min, math.ceil(self.recent * seen))
@@ -192,8 +207,7 @@ class PoD(Method):
         seen = cache.seen
         target = budget.target(seen)
         for block in self.chosen_blocks:
-            anchor: GrowingLayer = cache.layers[block[0]]
-            members: list[SharedKeyLayer] = [cache.layers[i] for i in block[1:]]
+            anchor, members = _block_layers(cache, block)
             n_recent, squeeze = self.proximal_window(seen, target, anchor.length)
             horizon = seen - n_recent
             if squeeze:
@@ -213,21 +227,22 @@ class PoD(Method):
             return
         dist_target = max(dist_target, 1)
         sl = slice(n_head, n_head + n_dist)
-        layers = [anchor, *members]
+        layers: list[GrowingLayer] = [anchor, *members]
         h = anchor.values.shape[1]
         k = anchor.keys[:, :, sl]
         temp = GrowingLayer(Clock(), anchor.layer_idx)
         temp.is_initialized = True
         temp.keys = torch.cat([k] * len(layers), dim=1)
-        temp.values = torch.cat([l.values[:, :, sl] for l in layers], dim=1)
+        temp.values = torch.cat([layer.values[:, :, sl] for layer in layers], dim=1)
         temp.length = n_dist
         temp.positions = pos[:, :, sl].repeat(1, len(layers), 1)
         if self.stores_counts:  # counts only for a merging inner method (None reads as ones)
             temp.counts = anchor.entry_counts()[:, :, sl].repeat(1, len(layers), 1)
         for stat in ("scores", "obs"):
-            parts = [l.valid(stat) for l in layers]
-            if all(p is not None for p in parts):
-                total = sum(p[:, :, sl].sum(1, keepdim=True) for p in parts)
+            parts = [p for p in (layer.valid(stat) for layer in layers) if p is not None]
+            if len(parts) == len(layers):
+                sums = [p[:, :, sl].sum(1, keepdim=True) for p in parts]
+                total = sum(sums[1:], sums[0])
                 setattr(temp, stat, total.expand(-1, temp.keys.shape[1], -1).contiguous())
         assert self.inner is not None  # only pod+X squeezes
         self.inner.compress_layer(temp, dist_target)
@@ -237,27 +252,27 @@ class PoD(Method):
                 return None
             return torch.cat([full[:, :, :n_head], mid, full[:, :, n_head + n_dist :]], dim=2)
 
-        for j, layer in enumerate(layers):
+        def rewritten(j: int, layer: GrowingLayer) -> dict[str, torch.Tensor | None]:
             heads = slice(j * h, (j + 1) * h)
-            new = {
+            return {
                 "values": join(temp.values[:, heads], layer.valid("values")),
-                "positions": join(temp.positions[:, heads], layer.key_positions()),
+                "positions": join(temp.require("positions")[:, heads], layer.key_positions()),
                 "counts": join(None if temp.counts is None else temp.counts[:, heads], layer.entry_counts()),
                 "scores": join(None if temp.scores is None else temp.scores[:, heads], layer.valid("scores")),
                 "obs": join(None if temp.obs is None else temp.obs[:, heads], layer.valid("obs")),
             }
-            if j == 0:
-                keys = join(temp.keys[:, :h], layer.valid("keys"))
-            else:  # a copy, not a view: the dropped keys' storage must really be freed
-                keys = (layer.head_keys, layer.tail_keys[:, :, layer.n_tail - n_tail :].clone())
-            layer.assign(keys, **new)
+
+        anchor.assign(join(temp.keys[:, :h], anchor.valid("keys")), **rewritten(0, anchor))
+        for j, m in enumerate(members, 1):  # a copy, not a view: the dropped keys' storage must really be freed
+            m.assign((m.head_keys, m.tail_keys[:, :, m.n_tail - n_tail :].clone()), **rewritten(j, m))
 
     def compress_layer(self, layer: GrowingLayer, target: int) -> None:  # PoD works per block (compress)
         raise NotImplementedError
 
     # ---- memory estimate (``kvcli profile --estimate``) ---------------------------------------
-    def estimate_layers(self, shape: CacheShape, step: EstimateStep,
-                        default: list[LayerEstimate]) -> list[LayerEstimate]:
+    def estimate_layers(
+        self, shape: CacheShape, step: EstimateStep, default: list[LayerEstimate]
+    ) -> list[LayerEstimate]:
         """Per-layer bytes at ``step``, replaying ``compress`` on entry counts (called for every
         moment of one estimate, in order).  Anchors are growing layers; members hold values
         and metadata for every entry, keys for head + tail only."""
@@ -274,8 +289,14 @@ class PoD(Method):
         out = list(default)
         for block in self.chosen_blocks:
             for j, idx in enumerate(block):
-                layer = growing_layer(shape, idx, counts.entries, positions=counts.compressed,
-                                      counts=counts.compressed and self.stores_counts, stats=stats)
+                layer = growing_layer(
+                    shape,
+                    idx,
+                    counts.entries,
+                    positions=counts.compressed,
+                    counts=counts.compressed and self.stores_counts,
+                    stats=stats,
+                )
                 out[idx] = replace(layer, keys=(counts.head + counts.tail) * per_key) if j else layer
         return out
 

@@ -56,8 +56,9 @@ def method_names() -> list[str]:
 def describe_methods() -> list[tuple[str, str]]:
     """``(name, description)`` of every method, composites last."""
     out = [(name, cls.description) for name, cls in REGISTRY.items()]
-    out += [(name, f"PoD, with distant tokens compressed further by {_parts(name)[1]} to the budget")
-            for name in COMPOSITES]
+    out += [
+        (name, f"PoD, with distant tokens compressed further by {_parts(name)[1]} to the budget") for name in COMPOSITES
+    ]
     return out
 
 
@@ -135,8 +136,9 @@ def split_options(options: Mapping[str, Any], methods: Sequence[str]) -> dict[st
         if scope:
             targets = [m for m in methods if scope == m or scope in _parts(m)]
             if not targets:
-                raise KvcliError(f"option {key}: method {scope!r} is not among the chosen methods ({chosen})",
-                                 option="option")
+                raise KvcliError(
+                    f"option {key}: method {scope!r} is not among the chosen methods ({chosen})", option="option"
+                )
             for m in targets:  # a composite keeps the part's scope, so make_method routes it
                 per[m][option if scope == m else key] = value
         else:

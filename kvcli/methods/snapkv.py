@@ -39,8 +39,9 @@ class SnapKV(Method):
         return True
 
     def compress_layer(self, layer: GrowingLayer, target: int) -> None:
-        obs = layer.valid("obs")
+        obs = layer.require("obs")
         b, h, n = obs.shape
-        pooled = F.avg_pool1d(obs.reshape(b * h, 1, n), self.kernel, stride=1, padding=self.kernel // 2,
-                              count_include_pad=False).reshape(b, h, n)
+        pooled = F.avg_pool1d(
+            obs.reshape(b * h, 1, n), self.kernel, stride=1, padding=self.kernel // 2, count_include_pad=False
+        ).reshape(b, h, n)
         layer.gather(keep_top(pooled, target, self.n_sink, self.window))

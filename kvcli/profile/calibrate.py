@@ -60,6 +60,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
 
 import torch
@@ -155,14 +156,18 @@ class Calibration:
 
     @property
     def consecutive(self) -> list[float]:
-        """JSD between each growing layer and the next one."""
-        return [self.matrix[i][i + 1] for i in range(len(self.growing) - 1)]
+        """JSD between each growing layer and the next one (always measured)."""
+        return [_value(self.matrix[i][i + 1]) for i in range(len(self.growing) - 1)]
 
     def profile(self, model: str) -> dict:
         """The JSON written for ``PoD.choose_blocks`` (it reads ``blocks``)."""
         g = self.growing
-        pairs = [[g[i], g[j], round(v, 6)] for i in range(len(g)) for j in range(i + 1, len(g))
-                 if (v := self.matrix[i][j]) is not None]
+        pairs = [
+            [g[i], g[j], round(v, 6)]
+            for i in range(len(g))
+            for j in range(i + 1, len(g))
+            if (v := self.matrix[i][j]) is not None
+        ]
         return {
             "blocks": self.blocks,
             "method": "jsd",
@@ -184,8 +189,13 @@ class Calibration:
 
 
 # ---- grouping -------------------------------------------------------------------------------------
-def choose_blocks(growing: list[int], matrix: list[list[float | None]], threshold: float = DEFAULT_THRESHOLD,
-                  max_block: int = DEFAULT_MAX_BLOCK, n_blocks: int | None = None) -> list[list[int]]:
+def choose_blocks(
+    growing: list[int],
+    matrix: list[list[float | None]],
+    threshold: float = DEFAULT_THRESHOLD,
+    max_block: int = DEFAULT_MAX_BLOCK,
+    n_blocks: int | None = None,
+) -> list[list[int]]:
     """Blocks of consecutive growing layers (model layer indices); see the module docstring."""
     n = len(growing)
     if n == 0:
@@ -193,12 +203,14 @@ def choose_blocks(growing: list[int], matrix: list[list[float | None]], threshol
     check_rule(threshold, max_block, n_blocks)
     if n_blocks is not None:
         if n_blocks > n:
-            raise KvcliError(f"n_blocks {n_blocks} is too many: give 1 to {n} (the model has {n} full-attention layers)",
-                             option="n_blocks")
+            raise KvcliError(
+                f"n_blocks {n_blocks} is too many: give 1 to {n} (the model has {n} full-attention layers)",
+                option="n_blocks",
+            )
         gaps = sorted(range(n - 1), key=lambda k: (-_value(matrix[k][k + 1]), k))[: n_blocks - 1]
         cuts = sorted(k + 1 for k in gaps)
         bounds = [0, *cuts, n]
-        return [growing[a:b] for a, b in zip(bounds, bounds[1:])]
+        return [growing[a:b] for a, b in pairwise(bounds)]
     blocks: list[list[int]] = []
     current = [0]
     for j in range(1, n):
@@ -231,9 +243,20 @@ def default_recent(tokens: int) -> int:
     return PoD().recent_window(tokens)
 
 
-def measure(model, ids, *, queries: int = DEFAULT_QUERIES, recent: int | None = None, sinks: int = DEFAULT_SINKS,
-            how: str = "attention", heads: str = "group", band: int | None = None, chunk_size: int = defaults.CHUNK_SIZE,
-            backend: str = "auto", on_progress: Callable[[str, int, int], None] | None = None) -> Calibration:
+def measure(
+    model,
+    ids,
+    *,
+    queries: int = DEFAULT_QUERIES,
+    recent: int | None = None,
+    sinks: int = DEFAULT_SINKS,
+    how: str = "attention",
+    heads: str = "group",
+    band: int | None = None,
+    chunk_size: int = defaults.CHUNK_SIZE,
+    backend: str = "auto",
+    on_progress: Callable[[str, int, int], None] | None = None,
+) -> Calibration:
     """Run ``ids`` through ``model`` (a ``LoadedModel`` or a model with kvcli's attention
     installed) and measure the JSD between growing layers no more than ``band`` apart
     (``None``: every pair).  ``on_progress(stage, done, total)``: ``prefill`` in tokens,
@@ -251,13 +274,17 @@ def measure(model, ids, *, queries: int = DEFAULT_QUERIES, recent: int | None = 
     if queries < 1 or sinks < 0 or recent < 1 or chunk_size < 1:
         raise KvcliError("calibrate: queries >= 1, sinks >= 0, recent >= 1 and chunk_size >= 1 are required")
     if queries > recent:
-        raise KvcliError(f"calibrate: {queries} queries exceed the recent window of {recent} tokens "
-                         "(the observed queries must lie inside it)")
+        raise KvcliError(
+            f"calibrate: {queries} queries exceed the recent window of {recent} tokens "
+            "(the observed queries must lie inside it)"
+        )
     n_distant = total - recent - sinks
     if n_distant < MIN_DISTANT:
         need = sinks + recent + MIN_DISTANT
-        raise KvcliError(f"calibration text is {total} tokens; with {sinks} sinks and a recent window of {recent} "
-                         f"it needs at least {need} (>= {MIN_DISTANT} distant tokens)")
+        raise KvcliError(
+            f"calibration text is {total} tokens; with {sinks} sinks and a recent window of {recent} "
+            f"it needs at least {need} (>= {MIN_DISTANT} distant tokens)"
+        )
 
     t0 = time.perf_counter()
     engine = Engine(model, make_method("full"), FULL, chunk_size=chunk_size, backend=backend)
@@ -292,28 +319,45 @@ def measure(model, ids, *, queries: int = DEFAULT_QUERIES, recent: int | None = 
     matrix: list[list[float | None]] = [[None] * n for _ in range(n)]
     with torch.inference_mode():
         keys = []
-        for idx in growing:
-            layer = engine.cache.layers[idx]
+        for idx, layer in zip(growing, engine.cache.growing_layers, strict=True):
             if layer.length != total or layer.positions is not None:
                 raise KvcliError(f"calibrate: layer {idx} does not hold the {total} tokens in order")
             keys.append(layer.keys[0, :, :total])  # [Hkv, T, D], a view of the cache
         mass = [_distant_mass(*captured[growing[j]], keys[j], sinks, horizon) for j in range(n)]
         pairs = [(i, j) for j in range(n) for i in range(max(0, j - band), j)]
         for done, (i, j) in enumerate(pairs, 1):
-            v = _pair_jsd(captured[growing[i]], keys[i], captured[growing[j]], keys[j], slice(sinks, horizon), how,
-                          heads)
+            v = _pair_jsd(
+                captured[growing[i]], keys[i], captured[growing[j]], keys[j], slice(sinks, horizon), how, heads
+            )
             matrix[i][j] = v
             if how == "attention":
                 matrix[j][i] = v
             if on_progress is not None:
                 on_progress("measure", done, len(pairs))
-    return Calibration(growing=growing, matrix=matrix, distant_mass=mass, tokens=total, queries=queries,
-                       recent=recent, sinks=sinks, distant_keys=n_distant, measure=how, heads=heads,
-                       seconds=time.perf_counter() - t0)
+    return Calibration(
+        growing=growing,
+        matrix=matrix,
+        distant_mass=mass,
+        tokens=total,
+        queries=queries,
+        recent=recent,
+        sinks=sinks,
+        distant_keys=n_distant,
+        measure=how,
+        heads=heads,
+        seconds=time.perf_counter() - t0,
+    )
 
 
-def _pair_jsd(anchor: tuple[torch.Tensor, float], k_anchor: torch.Tensor, member: tuple[torch.Tensor, float],
-              k_member: torch.Tensor, distant: slice, how: str, heads: str = "group") -> float:
+def _pair_jsd(
+    anchor: tuple[torch.Tensor, float],
+    k_anchor: torch.Tensor,
+    member: tuple[torch.Tensor, float],
+    k_member: torch.Tensor,
+    distant: slice,
+    how: str,
+    heads: str = "group",
+) -> float:
     """Mean JSD over heads (KV heads for ``heads="group"``, query heads for ``"each"``) and
     queries for one pair of layers, one KV head at a time (peak memory: two
     ``[group, queries, distant]`` distributions)."""
@@ -352,20 +396,46 @@ def _distant_mass(query: torch.Tensor, scaling: float, keys: torch.Tensor, sinks
     return total / (hq * w)
 
 
-def calibrate(model, ids, *, threshold: float = DEFAULT_THRESHOLD, max_block: int = DEFAULT_MAX_BLOCK,
-              n_blocks: int | None = None, queries: int = DEFAULT_QUERIES, recent: int | None = None,
-              sinks: int = DEFAULT_SINKS, how: str = "attention", heads: str = "group", chunk_size: int = defaults.CHUNK_SIZE,
-              backend: str = "auto", on_progress: Callable[[str, int, int], None] | None = None) -> Calibration:
+def calibrate(
+    model,
+    ids,
+    *,
+    threshold: float = DEFAULT_THRESHOLD,
+    max_block: int = DEFAULT_MAX_BLOCK,
+    n_blocks: int | None = None,
+    queries: int = DEFAULT_QUERIES,
+    recent: int | None = None,
+    sinks: int = DEFAULT_SINKS,
+    how: str = "attention",
+    heads: str = "group",
+    chunk_size: int = defaults.CHUNK_SIZE,
+    backend: str = "auto",
+    on_progress: Callable[[str, int, int], None] | None = None,
+) -> Calibration:
     """Measure (``measure``) and group (``choose_blocks``): the ``Calibration`` with blocks."""
     check_rule(threshold, max_block, n_blocks)  # before the measurement, not after it
     # The threshold rule compares a block's anchor with layers up to max_block - 1 later;
     # the count rule only needs consecutive pairs.
     band = 1 if n_blocks is not None else (None if max_block == 0 else max(1, max_block - 1))
-    cal = measure(model, ids, queries=queries, recent=recent, sinks=sinks, how=how, heads=heads, band=band,
-                  chunk_size=chunk_size, backend=backend, on_progress=on_progress)
+    cal = measure(
+        model,
+        ids,
+        queries=queries,
+        recent=recent,
+        sinks=sinks,
+        how=how,
+        heads=heads,
+        band=band,
+        chunk_size=chunk_size,
+        backend=backend,
+        on_progress=on_progress,
+    )
     cal.blocks = choose_blocks(cal.growing, cal.matrix, threshold=threshold, max_block=max_block, n_blocks=n_blocks)
-    cal.rule = ({"rule": "blocks", "n_blocks": n_blocks} if n_blocks is not None
-                else {"rule": "threshold", "threshold": threshold, "max_block": max_block})
+    cal.rule = (
+        {"rule": "blocks", "n_blocks": n_blocks}
+        if n_blocks is not None
+        else {"rule": "threshold", "threshold": threshold, "max_block": max_block}
+    )
     return cal
 
 

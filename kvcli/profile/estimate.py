@@ -13,8 +13,9 @@ as in the ``Engine``.
 The hook for methods whose storage differs (e.g. PoD sharing distant keys across layers) is
 ``Method.estimate_layers(shape, step, default)``, returning the per-layer bytes at one moment
 of the prefill (``default`` is what the rule above gives; the base class returns it).  It is
-called on one fresh instance (``make_method(name, **options)``) for every moment in order: after each chunk's forward (``step.compressed``
-False) and after the method ran (True), so it may keep state between calls.  The result
+called on one fresh instance (``make_method(name, **options)``) for every moment in order:
+after each chunk's forward (``step.compressed`` False) and after the method ran (True), so
+it may keep state between calls.  The result
 equals ``Context.report()`` byte for byte (tests/test_profile.py checks every method).
 """
 
@@ -29,8 +30,7 @@ import torch
 from huggingface_hub import snapshot_download
 from transformers import AutoConfig, AutoTokenizer
 
-from ..cache.sizing import (CacheShape, EstimateStep, LayerEstimate, cache_shape, full_bytes, growing_layer,
-                            window_layer)
+from ..cache.sizing import CacheShape, EstimateStep, LayerEstimate, cache_shape, full_bytes, growing_layer, window_layer
 from ..core import defaults
 from ..core.budget import FULL, Budget, parse_budget
 from ..core.documents import load_document
@@ -54,13 +54,15 @@ def load_config(ref: str | Path):
         if not path.is_file():
             raise KvcliError(f"model {ref}: directory has no config.json", option="model")
     elif not path.is_file():
-        raise KvcliError(f"model {ref}: no such file or directory (give a config.json or a model directory)",
-                         option="model")
+        raise KvcliError(
+            f"model {ref}: no such file or directory (give a config.json or a model directory)", option="model"
+        )
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise KvcliError(f"model {ref}: cannot read {path.name} as JSON ({str(exc).splitlines()[0][:120]})",
-                         option="model") from None
+        raise KvcliError(
+            f"model {ref}: cannot read {path.name} as JSON ({str(exc).splitlines()[0][:120]})", option="model"
+        ) from None
     if not isinstance(data, dict):
         raise KvcliError(f"model {ref}: {path.name} is not a JSON object", option="model")
     try:
@@ -84,8 +86,16 @@ def default_layers(shape: CacheShape, meth: Method, step: EstimateStep) -> list[
         if kind == "sliding":
             out.append(window_layer(shape, i, step.seen))
         else:
-            out.append(growing_layer(shape, i, step.length, positions=step.was_compressed,
-                                     counts=step.was_compressed and meth.stores_counts, stats=stats))
+            out.append(
+                growing_layer(
+                    shape,
+                    i,
+                    step.length,
+                    positions=step.was_compressed,
+                    counts=step.was_compressed and meth.stores_counts,
+                    stats=stats,
+                )
+            )
     return out
 
 
@@ -118,7 +128,7 @@ class Estimate:
 
     def as_dict(self) -> dict:
         """The JSON object of ``kvcli profile --estimate --json``."""
-        out = {"estimate": True}
+        out: dict[str, Any] = {"estimate": True}
         out.update((f.name, getattr(self, f.name)) for f in fields(self))
         out["per_layer"] = [layer.as_dict() for layer in self.per_layer]
         if self.model is None:
@@ -126,9 +136,15 @@ class Estimate:
         return out
 
 
-def estimate_kv_bytes(config: Any, context_tokens: int, method: str | Method, budget: Budget | float | str,
-                      dtype: torch.dtype | str, chunk_size: int | None = None,
-                      method_options: dict | None = None) -> Estimate:
+def estimate_kv_bytes(
+    config: Any,
+    context_tokens: int,
+    method: str | Method,
+    budget: Budget | float | str,
+    dtype: torch.dtype | str,
+    chunk_size: int | None = None,
+    method_options: dict | None = None,
+) -> Estimate:
     """KV-cache bytes after prefilling ``context_tokens`` with ``method`` at ``budget``.
 
     ``config``: a transformers config, a ``config.json`` dict or anything with its fields.
@@ -168,11 +184,22 @@ def estimate_kv_bytes(config: Any, context_tokens: int, method: str | Method, bu
     full = full_bytes(shape, seen)
     growing = shape.growing_indices
     return Estimate(
-        method=meth.label, method_options=meth.options(), budget=str(budget),
-        dtype=str(shape.dtype).removeprefix("torch."), context_tokens=context_tokens, chunk_size=chunk_size,
-        kv_bytes=total, kv_bytes_full=full, kv_ratio=total / full if full else 1.0, compressed_layers=growing,
-        kv_bytes_per_layer=[layers[i].bytes for i in growing], kv_bytes_all_layers=[layer.bytes for layer in layers],
-        kept_tokens=[layers[i].entries for i in growing], per_layer=layers, peak_prefill_kv_bytes=peak, trace=trace,
+        method=meth.label,
+        method_options=meth.options(),
+        budget=str(budget),
+        dtype=str(shape.dtype).removeprefix("torch."),
+        context_tokens=context_tokens,
+        chunk_size=chunk_size,
+        kv_bytes=total,
+        kv_bytes_full=full,
+        kv_ratio=total / full if full else 1.0,
+        compressed_layers=growing,
+        kv_bytes_per_layer=[layers[i].bytes for i in growing],
+        kv_bytes_all_layers=[layer.bytes for layer in layers],
+        kept_tokens=[layers[i].entries for i in growing],
+        per_layer=layers,
+        peak_prefill_kv_bytes=peak,
+        trace=trace,
     )
 
 
@@ -203,16 +230,19 @@ def config_path(model: str) -> Path:
     if model == defaults.MODEL:
         path = converted_model_dir()
         if not (path / "config.json").exists():
-            raise KvcliError("the embedded model is not converted yet (run any kvcli command once), or give a "
-                             "config.json as the model")
+            raise KvcliError(
+                "the embedded model is not converted yet (run any kvcli command once), or give a "
+                "config.json as the model"
+            )
         return path
     path = Path(model).expanduser()
     if not path.exists():
         try:  # a hub id already in the local Hugging Face cache (never downloads)
             path = Path(snapshot_download(model, local_files_only=True, allow_patterns=["config.json"]))
         except Exception:
-            raise KvcliError(f"model {model}: no such file or directory, and not in the local Hugging Face cache",
-                             option="model") from None
+            raise KvcliError(
+                f"model {model}: no such file or directory, and not in the local Hugging Face cache", option="model"
+            ) from None
     return path
 
 
@@ -222,8 +252,9 @@ def document_tokens(path: Path, document: str) -> int:
     try:
         tok = AutoTokenizer.from_pretrained(str(tok_dir))
     except Exception:
-        raise KvcliError(f"no tokenizer next to {path} to count the document's tokens; give a token count instead",
-                         option="document") from None
+        raise KvcliError(
+            f"no tokenizer next to {path} to count the document's tokens; give a token count instead", option="document"
+        ) from None
     return len(tok.encode(load_document(document).text, add_special_tokens=False)) + 1
 
 
@@ -231,8 +262,18 @@ def estimate_all(spec: EstimateSpec) -> EstimateResult:
     """Every method of ``spec`` (the full cache at budget 1), from the configuration alone."""
     path = config_path(spec.model)
     config = load_config(path)
-    rows = [estimate_kv_bytes(config, spec.tokens, m, "1" if m == "full" else spec.budget, spec.dtype,
-                              spec.chunk_size, spec.options.get(m)) for m in spec.methods]
+    rows = [
+        estimate_kv_bytes(
+            config,
+            spec.tokens,
+            m,
+            "1" if m == "full" else spec.budget,
+            spec.dtype,
+            spec.chunk_size,
+            spec.options.get(m),
+        )
+        for m in spec.methods
+    ]
     for r in rows:
         r.model = str(path)
     return EstimateResult(rows=rows, shape=cache_shape(config, spec.dtype), path=path)

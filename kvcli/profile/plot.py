@@ -34,7 +34,9 @@ def plot_rows(rows: Sequence[ProfileRow | Estimate], path: str, title: str = "")
         ax_kv.plot(xs, [t.get("kv_bytes", nan) / mib for t in trace], marker=".", label=label)
         if has_mem:
             axes[0][1].plot(xs, [t.get("rss_bytes", nan) / mib for t in trace], marker=".", label=label)
-    ax_kv.set_title("KV cache held after each chunk" + (" (estimate)" if rows and isinstance(rows[0], Estimate) else ""))
+    ax_kv.set_title(
+        "KV cache held after each chunk" + (" (estimate)" if rows and isinstance(rows[0], Estimate) else "")
+    )
     ax_kv.set_xlabel("tokens processed")
     ax_kv.set_ylabel("KV cache (MiB)")
     ax_kv.set_ylim(bottom=0)
@@ -60,5 +62,3 @@ def plot_rows(rows: Sequence[ProfileRow | Estimate], path: str, title: str = "")
         plt.close(fig)
         if os.path.exists(tmp):
             os.unlink(tmp)
-
-

@@ -48,8 +48,8 @@ from ..core.budget import Budget, parse_budget
 from ..core.documents import load_document
 from ..core.errors import KvcliError
 from ..engine.sampler import Sampler
-from ..methods import make_method
 from ..eval.tasks import generate_task
+from ..methods import make_method
 
 QUESTION = defaults.PROFILE_QUESTION
 DEFAULT_TOKENS = defaults.PROFILE_TOKENS
@@ -93,7 +93,7 @@ class PeakMemory:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def start(self) -> "PeakMemory":
+    def start(self) -> PeakMemory:
         self.baseline = current_rss()
         try:
             with open("/proc/self/clear_refs", "w") as fh:
@@ -220,9 +220,11 @@ def _decode(ctx, question: str, n: int) -> tuple[float | None, float, int]:
     first = None
     count = 0
     try:
-        logits = engine.last_logits
+        logits = engine.context_logits()
         for start in range(0, len(ids), engine.chunk_size):
-            logits = engine.forward(torch.tensor([ids[start : start + engine.chunk_size]], dtype=torch.long), collect=False)
+            logits = engine.forward(
+                torch.tensor([ids[start : start + engine.chunk_size]], dtype=torch.long), collect=False
+            )
         for _ in engine.generate(logits, n, Sampler(), eos_ids=set()):
             count += 1
             if first is None:
@@ -233,10 +235,21 @@ def _decode(ctx, question: str, n: int) -> tuple[float | None, float, int]:
     return first, time.perf_counter() - t0 - (first or 0.0), count
 
 
-def measure(lm: LoadedModel, document: Any, method: str, budget: str | Budget, chunk_size: int = defaults.CHUNK_SIZE,
-            method_options: dict | None = None, decode_tokens: int = DEFAULT_DECODE, question: str = QUESTION,
-            backend: str = "sdpa", raw: bool = False, truncate: bool = True,
-            on_chunk: Callable[[int, int], None] | None = None, keep_context: bool = False) -> Measurement:
+def measure(
+    lm: LoadedModel,
+    document: Any,
+    method: str,
+    budget: str | Budget,
+    chunk_size: int = defaults.CHUNK_SIZE,
+    method_options: dict | None = None,
+    decode_tokens: int = DEFAULT_DECODE,
+    question: str = QUESTION,
+    backend: str = "sdpa",
+    raw: bool = False,
+    truncate: bool = True,
+    on_chunk: Callable[[int, int], None] | None = None,
+    keep_context: bool = False,
+) -> Measurement:
     """Prefill ``document`` once with ``method`` and decode; one row of figures.
 
     Ctrl-C raises ``ProfileInterrupted`` carrying the figures measured so far.
@@ -249,9 +262,16 @@ def measure(lm: LoadedModel, document: Any, method: str, budget: str | Budget, c
     mem = PeakMemory().start()
     meth = make_method(method, **(method_options or {}))
     shown = str(budget) if meth.compresses and meth.uses_budget else "1"  # full and plain pod keep every token
-    row = ProfileRow(method=method, budget=shown, model=lm.name,
-                     device=str(lm.device), dtype=str(lm.dtype).removeprefix("torch."), chunk_size=chunk_size,
-                     rss_baseline_bytes=mem.baseline, rss_method=mem.method)
+    row = ProfileRow(
+        method=method,
+        budget=shown,
+        model=lm.name,
+        device=str(lm.device),
+        dtype=str(lm.dtype).removeprefix("torch."),
+        chunk_size=chunk_size,
+        rss_baseline_bytes=mem.baseline,
+        rss_method=mem.method,
+    )
     trace_mem: list[dict] = []
     t_start = time.perf_counter()
     state = {"done": 0}
@@ -270,11 +290,24 @@ def measure(lm: LoadedModel, document: Any, method: str, budget: str | Budget, c
         row.cuda_peak_bytes = torch.cuda.max_memory_allocated(lm.device) if cuda else None
 
     try:
-        ctx = prefill(lm, document, method=meth, budget=budget, chunk_size=chunk_size, truncate=truncate,
-                      backend=backend, raw=raw, on_progress=cb)
+        ctx = prefill(
+            lm,
+            document,
+            method=meth,
+            budget=budget,
+            chunk_size=chunk_size,
+            truncate=truncate,
+            backend=backend,
+            raw=raw,
+            on_progress=cb,
+        )
         rep = ctx.report()
         stats = ctx.engine.stats
-        row.method_options, row.tokens, row.truncated_tokens = rep.method_options, rep.context_tokens, rep.truncated_tokens
+        row.method_options, row.tokens, row.truncated_tokens = (
+            rep.method_options,
+            rep.context_tokens,
+            rep.truncated_tokens,
+        )
         row.kv_bytes, row.kv_bytes_full, row.kv_ratio = rep.kv_bytes, rep.kv_bytes_full, rep.kv_ratio
         row.peak_prefill_kv_bytes = stats.max_cache_bytes
         row.compressed_layers, row.kv_bytes_all_layers = rep.compressed_layers, rep.kv_bytes_all_layers
@@ -333,8 +366,9 @@ def _ignore(event: str, method: str, data: Any) -> None:
     return None
 
 
-def run_profile(spec: ProfileSpec, lm: LoadedModel | None = None, isolate: bool = True,
-                on_event: EventFn | None = None) -> ProfileResult:
+def run_profile(
+    spec: ProfileSpec, lm: LoadedModel | None = None, isolate: bool = True, on_event: EventFn | None = None
+) -> ProfileResult:
     """Every method of ``spec`` in turn: isolated child processes, or in-process with ``lm``."""
     emit = on_event or _ignore
     rows: list[ProfileRow] = []
@@ -367,9 +401,19 @@ def run_profile(spec: ProfileSpec, lm: LoadedModel | None = None, isolate: bool 
 
 def _in_process(spec: ProfileSpec, method: str, lm: LoadedModel, emit: EventFn) -> ProfileRow:
     try:
-        m = measure(lm, spec.document, method, spec.budget, spec.chunk_size, spec.options.get(method),
-                    spec.decode_tokens, spec.question, spec.backend, raw=spec.raw,
-                    on_chunk=lambda d, t: emit("chunk", method, (d, t)))
+        m = measure(
+            lm,
+            spec.document,
+            method,
+            spec.budget,
+            spec.chunk_size,
+            spec.options.get(method),
+            spec.decode_tokens,
+            spec.question,
+            spec.backend,
+            raw=spec.raw,
+            on_chunk=lambda d, t: emit("chunk", method, (d, t)),
+        )
     except KvcliError as exc:
         return ProfileRow.failed(method, spec.budget, str(exc))
     return m.row
@@ -377,16 +421,32 @@ def _in_process(spec: ProfileSpec, method: str, lm: LoadedModel, emit: EventFn) 
 
 def _child_spec(spec: ProfileSpec, method: str) -> dict:
     doc = list(map(int, spec.document)) if spec.raw else spec.document
-    return {"model": spec.model, "device": spec.device, "dtype": spec.dtype, "document": doc, "raw": spec.raw,
-            "method": method, "budget": spec.budget, "chunk_size": spec.chunk_size,
-            "options": spec.options.get(method) or {}, "decode_tokens": spec.decode_tokens,
-            "question": spec.question, "backend": spec.backend}
+    return {
+        "model": spec.model,
+        "device": spec.device,
+        "dtype": spec.dtype,
+        "document": doc,
+        "raw": spec.raw,
+        "method": method,
+        "budget": spec.budget,
+        "chunk_size": spec.chunk_size,
+        "options": spec.options.get(method) or {},
+        "decode_tokens": spec.decode_tokens,
+        "question": spec.question,
+        "backend": spec.backend,
+    }
 
 
 def _run_child(spec: ProfileSpec, method: str, emit: EventFn) -> ProfileRow:
     with tempfile.TemporaryFile(mode="w+", prefix="kvcli-profile-") as errf:
-        proc = subprocess.Popen([sys.executable, "-m", "kvcli.profile"], stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=errf, start_new_session=True, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "kvcli.profile"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=errf,
+            start_new_session=True,
+            text=True,
+        )
         result: dict | None = None
         try:
             assert proc.stdin is not None and proc.stdout is not None  # both are pipes
@@ -456,9 +516,19 @@ def child_main() -> None:
         warm_up(lm)
         trim_allocator()
         send("loaded")
-        m = measure(lm, spec["document"], spec["method"], spec["budget"], spec["chunk_size"], spec["options"],
-                    spec["decode_tokens"], spec["question"], spec["backend"], raw=spec["raw"],
-                    on_chunk=lambda d, t: send("chunk", data=[d, t]))
+        m = measure(
+            lm,
+            spec["document"],
+            spec["method"],
+            spec["budget"],
+            spec["chunk_size"],
+            spec["options"],
+            spec["decode_tokens"],
+            spec["question"],
+            spec["backend"],
+            raw=spec["raw"],
+            on_chunk=lambda d, t: send("chunk", data=[d, t]),
+        )
         send("row", row=m.row.as_dict())
     except ProfileInterrupted as exc:
         send("row", row=exc.row.as_dict())
@@ -467,8 +537,11 @@ def child_main() -> None:
     except KvcliError as exc:
         send("error", message=str(exc))
     except Exception as exc:  # reported as one line by the parent
-        send("error", message=f"{spec.get('method', '?') if 'spec' in locals() else '?'}: {type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0][:200] if str(exc) else ''}")
+        send(
+            "error",
+            message=f"{spec.get('method', '?') if 'spec' in locals() else '?'}: {type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:200] if str(exc) else ''}",
+        )
 
 
 # ---- documents ---------------------------------------------------------------------------------------
