@@ -14,9 +14,8 @@ from pathlib import Path
 import yaml
 
 from ..core import defaults
-from ..core.budget import Budget, parse_budget
+from ..core.budget import Budget, check_chunk_size, parse_budget
 from ..core.errors import KvcliError
-from ..engine.engine import check_chunk_size
 from ..methods import make_method, method_names, normalize_options, split_options
 
 KEYS = {"description", "method", "budget", "chunk_size", "options"}

@@ -46,3 +46,9 @@ def parse_budget(value: str | float | int) -> Budget:
     if number != int(number) or ("." in text and not text.endswith(".0")):
         raise KvcliError(f"invalid budget {text!r}: above 1 it is a token count and must be an integer")
     return Budget(tokens=int(number))
+
+
+def check_chunk_size(chunk_size: int) -> None:
+    """The one check of a prefill chunk size (every entry point runs it before any work)."""
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise KvcliError(f"chunk_size {chunk_size!r} is invalid: it must be a positive integer", option="chunk_size")

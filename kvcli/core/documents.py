@@ -12,6 +12,7 @@ import io
 import logging
 import os
 import re
+import stat
 import sys
 import typing
 from dataclasses import dataclass
@@ -25,6 +26,13 @@ TEXT_EXTENSIONS = {".txt": "text", ".rst": "text", ".md": "markdown", ".markdown
 HTML_EXTENSIONS = {".html", ".htm"}
 
 _SNIFF_BYTES = 8192  # enough to judge "binary or not" without scanning huge files
+
+#: Largest document kvcli reads, in raw bytes (file or stdin); ``KVCLI_MAX_DOCUMENT_BYTES``
+#: changes it.  64 MiB of text is ~16M tokens, far past any model's positions, so a bigger
+#: input is almost surely a mistake (``/dev/zero``, a disk image) that would fill memory.
+MAX_DOCUMENT_BYTES = 64 * 1024 * 1024
+MAX_BYTES_ENV = "KVCLI_MAX_DOCUMENT_BYTES"
+_READ_BLOCK = 1 << 20
 _MAX_CONTROL_RATIO = 0.10  # leaves room for e.g. ANSI-coloured logs
 
 # Control characters other than \n and \t (C0, DEL, C1); \r is handled before this runs.
@@ -97,13 +105,14 @@ def load_document(path: str | os.PathLike, stdin: typing.TextIO | typing.BinaryI
     user can fix: missing file, directory, binary junk, encrypted or corrupt
     PDF, scanned PDF without text, or an empty document.
     """
+    limit = max_document_bytes()
     if str(path) == "-":
         name = "stdin"
-        data = _read_stream(stdin if stdin is not None else sys.stdin)
+        data = _read_stream(stdin if stdin is not None else sys.stdin, limit)
         kind = _sniff(data)
     else:
         name = str(path)
-        data = _read_file(Path(path), name)
+        data = _read_file(Path(path), name, limit)
         suffix = Path(path).suffix.lower()
         if suffix == ".pdf":
             kind = "pdf"
@@ -136,12 +145,41 @@ def normalize(text: str) -> str:
     return _CONTROL_RE.sub("", text).rstrip()
 
 
-def _read_file(path: Path, name: str) -> bytes:
-    """Read raw bytes, turning OS errors into one-line messages."""
+def max_document_bytes() -> int:
+    """The size cap on a document's raw bytes (``MAX_DOCUMENT_BYTES``, or ``$KVCLI_MAX_DOCUMENT_BYTES``)."""
+    raw = os.environ.get(MAX_BYTES_ENV, "").strip()
+    if not raw:
+        return MAX_DOCUMENT_BYTES
     try:
-        if path.is_dir():
-            raise KvcliError(f"{name}: is a directory, not a document")
-        return path.read_bytes()
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise KvcliError(f"environment {MAX_BYTES_ENV}={raw!r}: give a positive number of bytes")
+    return value
+
+
+def _size(n: int) -> str:
+    return f"{n / 1024**2:,.1f} MiB" if n >= 1024**2 else f"{n:,} bytes"
+
+
+def _too_big(name: str, limit: int, size: int | None = None) -> KvcliError:
+    what = f"is {_size(size)}" if size is not None else "is larger than that"
+    return KvcliError(
+        f"{name}: documents are limited to {_size(limit)} and this one {what} (set {MAX_BYTES_ENV} to allow more)"
+    )
+
+
+_KINDS = {stat.S_ISFIFO: "a FIFO (named pipe)", stat.S_ISCHR: "a character device", stat.S_ISBLK: "a block device"}
+
+
+def _read_file(path: Path, name: str, limit: int) -> bytes:
+    """Read a regular file of at most ``limit`` bytes, turning OS errors into one-line messages.
+
+    Opened without blocking and checked on the open file: a FIFO (which would wait for a
+    writer forever), a device such as ``/dev/zero`` (endless) or a socket is refused."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except (FileNotFoundError, NotADirectoryError):
         raise KvcliError(f"{name}: no such file") from None
     except IsADirectoryError:
@@ -150,14 +188,49 @@ def _read_file(path: Path, name: str) -> bytes:
         raise KvcliError(f"{name}: permission denied, cannot read the file") from None
     except OSError as exc:
         raise KvcliError(f"{name}: cannot read the file ({_one_line(exc.strerror or exc)})") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise KvcliError(f"{name}: is a directory, not a document")
+        if not stat.S_ISREG(mode):
+            what = next((label for test, label in _KINDS.items() if test(mode)), "not a regular file")
+            raise KvcliError(f"{name}: is {what}, not a document file; to read a stream, pipe it to stdin: - < {name}")
+        size = os.fstat(fd).st_size
+        if size > limit:
+            raise _too_big(name, limit, size)
+        with os.fdopen(fd, "rb", closefd=False) as fh:
+            data = fh.read(limit + 1)  # a file that grew since fstat is still capped
+    except IsADirectoryError:
+        raise KvcliError(f"{name}: is a directory, not a document") from None
+    except OSError as exc:
+        raise KvcliError(f"{name}: cannot read the file ({_one_line(exc.strerror or exc)})") from None
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise _too_big(name, limit)
+    return data
 
 
-def _read_stream(stream: typing.TextIO | typing.BinaryIO) -> bytes:
-    """Read all of a stream, preferring the byte layer so PDFs survive intact."""
-    raw = getattr(stream, "buffer", stream).read()
-    if isinstance(raw, str):
-        return raw.encode("utf-8", errors="replace")
-    return bytes(raw)
+def _read_stream(stream: typing.TextIO | typing.BinaryIO, limit: int) -> bytes:
+    """Read a stream (stdin) up to ``limit`` bytes, preferring the byte layer so PDFs survive
+    intact; more than that is an error, found after reading ``limit`` + 1 bytes at most."""
+    source = getattr(stream, "buffer", stream)
+    parts: list[bytes] = []
+    total = 0
+    try:
+        while total <= limit:
+            block = source.read(min(_READ_BLOCK, limit + 1 - total))
+            if not block:
+                break
+            if isinstance(block, str):
+                block = block.encode("utf-8", errors="replace")
+            parts.append(bytes(block))
+            total += len(block)
+    except OSError as exc:
+        raise KvcliError(f"stdin: cannot read it ({_one_line(exc.strerror or exc)})") from None
+    if total > limit:
+        raise _too_big("stdin", limit)
+    return b"".join(parts)
 
 
 def _sniff(data: bytes) -> str:
@@ -183,14 +256,14 @@ def _decode(data: bytes, name: str) -> str:
         (codecs.BOM_UTF16_BE, "utf-16"),
     ):
         if data.startswith(bom):
-            try:
-                text = data.decode(encoding)
-            except UnicodeDecodeError:
-                raise binary from None
+            text = _decode_wide(data, encoding, name, "with a byte-order mark")
             break
-    if text is None:
-        if b"\x00" in data[:_SNIFF_BYTES]:
+    if text is None and b"\x00" in data[:_SNIFF_BYTES]:
+        encoding = _wide_encoding(data[:_SNIFF_BYTES])
+        if encoding is None:
             raise binary
+        text = _decode_wide(data, encoding, name, "without a byte-order mark")
+    if text is None:
         try:
             text = data.decode("utf-8-sig")
         except UnicodeDecodeError:
@@ -202,6 +275,42 @@ def _decode(data: bytes, name: str) -> str:
     if sample and controls / len(sample) > _MAX_CONTROL_RATIO:
         raise binary
     return text
+
+
+def _wide_encoding(sample: bytes) -> str | None:
+    """UTF-32 or UTF-16 (LE/BE) text without a byte-order mark, told by where its NUL bytes
+    sit: in the code units' high bytes, (almost) never in their low bytes; binary data has
+    them anywhere.  (A low byte is NUL only for code points such as U+0100 or U+4E00.)"""
+    for width, names in ((4, ("utf-32-le", "utf-32-be")), (2, ("utf-16-le", "utf-16-be"))):
+        n = len(sample) - len(sample) % width
+        if n < 2 * width:
+            continue
+        nul = [sample[i:n:width].count(0) / (n // width) for i in range(width)]
+        if width == 4:  # the top byte is always NUL, the plane byte nearly always, the low byte rarely
+            ok = [
+                nul[3] == 1 and nul[2] >= 0.9 and nul[0] <= 0.25,
+                nul[0] == 1 and nul[1] >= 0.9 and nul[3] <= 0.25,
+            ]
+        else:  # ASCII characters (spaces, digits, punctuation) put NULs in at least a fifth of high bytes
+            ok = [nul[1] >= 0.2 and nul[0] <= nul[1] / 4, nul[0] >= 0.2 and nul[1] <= nul[0] / 4]
+        for name, good in zip(names, ok, strict=True):
+            # and charset-normalizer finds it plausible as that encoding (not junk that happens to fit)
+            if good and charset_normalizer.from_bytes(sample[:n], cp_isolation=[name.replace("-", "_")]).best():
+                return name
+    return None
+
+
+def _decode_wide(data: bytes, encoding: str, name: str, how: str) -> str:
+    """``data`` as UTF-16/32 (a trailing partial code unit, from a cut file, is dropped)."""
+    width = 4 if "32" in encoding else 2
+    try:
+        return data[: len(data) - len(data) % width].decode(encoding)
+    except UnicodeDecodeError:
+        label = encoding.upper().replace("-LE", " LE").replace("-BE", " BE")
+        raise KvcliError(
+            f"{name}: looks like {label} text {how} but does not decode as it; convert it to UTF-8 first "
+            f"(e.g. iconv -f {encoding.upper().replace('-', '').replace('UTF', 'UTF-')} -t UTF-8)"
+        ) from None
 
 
 def _guess_decode(data: bytes) -> str | None:

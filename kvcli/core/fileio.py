@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 from pathlib import Path
 
@@ -15,13 +16,33 @@ def cache_dir() -> Path:
     return Path(base).expanduser() / "kvcli"
 
 
+def _umask() -> int:
+    """The process umask (reading it means setting it: set back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def new_file_mode(path: Path) -> int:
+    """The permissions ``path`` gets when kvcli writes it: an existing file's own mode (a
+    rewrite keeps them), else what ``open()`` would give a new file under the user's umask."""
+    try:
+        return stat.S_IMODE(path.stat().st_mode)
+    except OSError:
+        return 0o666 & ~_umask()
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` (UTF-8) to ``path`` via a temporary file beside it, then rename."""
+    """Write ``text`` (UTF-8) to ``path`` via a temporary file beside it, then rename: the
+    file is whole or untouched, even if the process is killed.  It gets the permissions
+    ``new_file_mode`` says (``mkstemp`` alone would leave 0600)."""
     path = Path(path)
+    mode = new_file_mode(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
+            os.fchmod(fh.fileno(), mode)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -14,16 +14,18 @@ from __future__ import annotations
 import math
 import operator
 from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
-
-from ..attention import RunState
-from ..cache import GrowingLayer, KVCache
-from ..cache.sizing import CacheShape, EstimateStep, LayerEstimate
 from ..core import defaults
 from ..core.budget import Budget
 from ..core.errors import KvcliError
+
+if TYPE_CHECKING:  # annotations only: a method (and its option checks) imports without torch
+    import torch
+
+    from ..attention import RunState
+    from ..cache import GrowingLayer, KVCache
+    from ..cache.sizing import CacheShape, EstimateStep, LayerEstimate
 
 #: ``field`` metadata of a dataclass field that is not an option (state, or an inner method).
 NOT_AN_OPTION = {"option": False}
@@ -165,5 +167,5 @@ def keep_top(scores: torch.Tensor, target: int, n_sink: int, n_recent: int) -> t
     highest-scored of the rest.  Sinks/recent shrink when the target is smaller."""
     n_sink = min(n_sink, target)
     n_recent = max(0, min(n_recent, target - n_sink))
-    idx = torch.topk(protected_scores(scores, n_sink, n_recent), target, dim=-1).indices
+    idx = protected_scores(scores, n_sink, n_recent).topk(target, dim=-1).indices
     return idx.sort(dim=-1).values

@@ -11,12 +11,12 @@ with a difference array over kept-entry order (no loop per token).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
-import torch
-
-from ..cache import GrowingLayer
 from .base import Method, fraction, integer, keep_top
+
+if TYPE_CHECKING:
+    from ..cache import GrowingLayer
 
 
 @dataclass
@@ -37,6 +37,8 @@ class CaM(Method):
         return True
 
     def compress_layer(self, layer: GrowingLayer, target: int) -> None:
+        import torch  # here, not at the top: checking options needs no torch
+
         scores = layer.require("scores")
         b, h, n = scores.shape
         n_recent = max(1, int(target * self.recent))

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
-from ..cache import KVCache
 from ..core.budget import Budget
 from .base import Method
+
+if TYPE_CHECKING:
+    from ..cache import KVCache
 
 
 @dataclass

@@ -9,10 +9,12 @@ the rest, per KV head.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
-from ..cache import GrowingLayer
 from .base import Method, fraction, keep_top
+
+if TYPE_CHECKING:
+    from ..cache import GrowingLayer
 
 
 @dataclass

@@ -34,14 +34,15 @@ Choices where the paper is unclear (written down, measured in the README):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
-import torch
-
-from ..attention.backends import adjacent_similarity, merge_sets
-from ..cache import GrowingLayer
 from ..core.errors import KvcliError
 from .base import Method, choice, fraction, number
+
+if TYPE_CHECKING:  # torch and the kernels load when a layer is compressed, not when options are checked
+    import torch
+
+    from ..cache import GrowingLayer
 
 
 @dataclass
@@ -85,6 +86,8 @@ class KVMerger(Method):
     # ---- the three steps -------------------------------------------------------------
     def protected(self, scores: torch.Tensor, target: int) -> torch.Tensor:
         """``[B, n]`` bool: sinks, recent window and heavy hitters (layer-shared)."""
+        import torch  # here, not at the top: checking options needs no torch
+
         b, n = scores.shape
         prot = torch.zeros((b, n), dtype=torch.bool, device=scores.device)
         prot[:, : min(self.n_sink, n)] = True
@@ -100,6 +103,10 @@ class KVMerger(Method):
     def edge_ranks(self, keys: torch.Tensor, prot: torch.Tensor) -> torch.Tensor:
         """``[B, n-1]``: how eligible each adjacent pair is for merging (higher first,
         ``-inf`` never): cosine of the keys, averaged over KV heads."""
+        import torch
+
+        from ..attention.backends import adjacent_similarity
+
         sims = adjacent_similarity(keys).mean(1)  # [B, H, n-1] -> [B, n-1]
         free = (~prot[:, :-1]) & (~prot[:, 1:])
         ok = free & (sims > self.threshold)
@@ -111,6 +118,8 @@ class KVMerger(Method):
     def merging_sets(self, keys: torch.Tensor, prot: torch.Tensor, n_merge: int) -> torch.Tensor:
         """Set id of every entry ``[B, n]`` after joining the ``n_merge`` most similar
         eligible adjacent pairs (cosine above the threshold, neither end protected)."""
+        import torch  # here, not at the top: checking options needs no torch
+
         b, n = prot.shape
         if n < 2 or n_merge <= 0:
             return torch.arange(n, device=keys.device).expand(b, n).contiguous()
@@ -123,6 +132,8 @@ class KVMerger(Method):
     @staticmethod
     def pivots(scores: torch.Tensor, set_ids: torch.Tensor, n_sets: int) -> torch.Tensor:
         """Index of the highest-attention member of each set ``[B, S]`` (first on ties)."""
+        import torch  # here, not at the top: checking options needs no torch
+
         b, n = scores.shape
         best = torch.full((b, n_sets), -float("inf"), device=scores.device).scatter_reduce(
             1, set_ids, scores, reduce="amax", include_self=True
@@ -134,6 +145,10 @@ class KVMerger(Method):
         )
 
     def compress_layer(self, layer: GrowingLayer, target: int) -> None:
+        import torch
+
+        from ..attention.backends import merge_sets
+
         keys, values = layer.require("keys"), layer.require("values")
         b, h, n, d = keys.shape
         if b != 1:

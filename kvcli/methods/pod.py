@@ -32,18 +32,20 @@ import operator
 from dataclasses import dataclass, field, replace
 from itertools import pairwise
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
-
-from ..attention import RunState
-from ..cache import Clock, GrowingLayer, KVCache, SharedKeyLayer
-from ..cache.sizing import CacheShape, EstimateStep, LayerEstimate, growing_layer
 from ..core import defaults
 from ..core.budget import Budget
 from ..core.errors import KvcliError
 from ..core.fileio import cache_dir
 from .base import NOT_AN_OPTION, Method, fraction, integer, state
+
+if TYPE_CHECKING:  # torch and the cache load when PoD runs, not when its options are checked
+    import torch
+
+    from ..attention import RunState
+    from ..cache import GrowingLayer, KVCache, SharedKeyLayer
+    from ..cache.sizing import CacheShape, EstimateStep, LayerEstimate
 
 
 def calibration_path(config: Any) -> Path:
@@ -55,6 +57,8 @@ def calibration_path(config: Any) -> Path:
 
 def _block_layers(cache: KVCache, block: list[int]) -> tuple[GrowingLayer, list[SharedKeyLayer]]:
     """A block's anchor and members, as ``PoD.attach`` made them."""
+    from ..cache import GrowingLayer, SharedKeyLayer
+
     anchor = cache.kv_layers[block[0]]
     members = [m for m in (cache.kv_layers[i] for i in block[1:]) if isinstance(m, SharedKeyLayer)]
     if not isinstance(anchor, GrowingLayer) or len(members) != len(block) - 1:
@@ -179,6 +183,8 @@ class PoD(Method):
 
     def attach(self, cache: KVCache, state: RunState) -> None:
         """Swap the non-anchor layers of each block for shared-key storage."""
+        from ..cache import GrowingLayer, SharedKeyLayer
+
         self.chosen_blocks = self.choose_blocks(cache.growing_indices, cache.config_ref)
         layers = cache.kv_layers
         for block in self.chosen_blocks:
@@ -217,6 +223,10 @@ class PoD(Method):
                 m.drop_distant_keys(n_tail)
 
     def _compress_distant(self, anchor: GrowingLayer, members: list[SharedKeyLayer], horizon: int, target: int) -> None:
+        import torch
+
+        from ..cache import Clock, GrowingLayer
+
         pos = anchor.key_positions()
         n = anchor.length
         n_head = min(self.n_sink, n)
@@ -276,6 +286,8 @@ class PoD(Method):
         """Per-layer bytes at ``step``, replaying ``compress`` on entry counts (called for every
         moment of one estimate, in order).  Anchors are growing layers; members hold values
         and metadata for every entry, keys for head + tail only."""
+        from ..cache.sizing import growing_layer
+
         if step.seen == step.chunk and not step.compressed:  # first moment of this estimate
             self.chosen_blocks = self.choose_blocks(shape.growing_indices, shape.config)
             self._counts = _BlockCounts()

@@ -9,14 +9,14 @@ the last ``window`` entries plus the top-scored entries, per KV head.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
-import torch.nn.functional as F
-
-from ..cache import GrowingLayer
 from ..core import defaults
 from ..core.errors import KvcliError
 from .base import Method, integer, keep_top
+
+if TYPE_CHECKING:
+    from ..cache import GrowingLayer
 
 
 @dataclass
@@ -39,6 +39,8 @@ class SnapKV(Method):
         return True
 
     def compress_layer(self, layer: GrowingLayer, target: int) -> None:
+        import torch.nn.functional as F  # here, not at the top: checking options needs no torch
+
         obs = layer.require("obs")
         b, h, n = obs.shape
         pooled = F.avg_pool1d(

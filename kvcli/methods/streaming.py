@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
-import torch
-
-from ..cache import GrowingLayer
 from .base import Method, keep_top
+
+if TYPE_CHECKING:
+    from ..cache import GrowingLayer
 
 
 @dataclass
@@ -17,6 +17,8 @@ class StreamingLLM(Method):
     description: ClassVar[str] = "StreamingLLM: 4 sink tokens + recent window"
 
     def compress_layer(self, layer: GrowingLayer, target: int) -> None:
+        import torch  # here, not at the top: checking options needs no torch
+
         b, h = layer.keys.shape[:2]
         zeros = torch.zeros((b, h, layer.length), device=layer.keys.device)
         layer.gather(keep_top(zeros, target, self.n_sink, target))
