@@ -16,6 +16,7 @@ import yaml
 from ..core import defaults
 from ..core.budget import Budget, check_chunk_size, parse_budget
 from ..core.errors import KvcliError
+from ..core.fileio import read_text_file
 from ..methods import make_method, method_names, normalize_options, split_options
 
 KEYS = {"description", "method", "budget", "chunk_size", "options"}
@@ -44,10 +45,8 @@ def load_preset(ref: str) -> Settings:
         path = table[ref]
     elif not (ref.endswith((".yaml", ".yml")) or path.exists()):
         raise KvcliError(f"unknown preset {ref!r}; built-in presets: {', '.join(sorted(table))} (or give a .yaml file)")
-    if not path.is_file():
-        raise KvcliError(f"preset file {ref}: no such file")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.safe_load(read_text_file(path, "preset file", limit=1 << 20))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""

@@ -128,18 +128,19 @@ def main() -> None:
     debug = bool(os.environ.get("KVCLI_DEBUG"))
     quiet_libraries(debug)
     usage, aborts = _click_classes()
+    stops: tuple[type[BaseException], ...] = (KeyboardInterrupt, *aborts)
     try:
         code = app(standalone_mode=False, default_map=config.LazyDefaultMap())
     except KvcliError as exc:
         _fail(error_line(exc), exc.exit_code)
     except usage as exc:
-        if type(exc).__name__ == "NoArgsIsHelpError":  # a bare ``kvcli``: the help is already printed
-            text = " ".join(str(getattr(exc, "format_message", str)()).split())
-            if text:
-                print(exc.format_message())  # type: ignore[attr-defined]
+        if type(exc).__name__ == "NoArgsIsHelpError":  # a bare ``kvcli``: Rich has printed the help
+            text = str(getattr(exc, "format_message", lambda: "")())
+            if text.strip():  # (without Rich it is the message)
+                print(text)
             sys.exit(2)
         _fail(_usage_line(exc), 2)
-    except (KeyboardInterrupt, *aborts):
+    except stops:
         _interrupted()
     except BrokenPipeError:  # stdout closed early (``kvcli ... | head``): not an error
         devnull = os.open(os.devnull, os.O_WRONLY)

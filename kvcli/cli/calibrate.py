@@ -18,6 +18,7 @@ from ..core.defaults import CALIBRATE_HEAD_MODES as HEAD_MODES
 from ..core.defaults import CALIBRATE_MEASURES as MEASURES
 from ..core.defaults import LN2
 from ..core.errors import KvcliError
+from . import checks
 from .common import load_model
 from .options import AttnOpt, ChunkOpt, DeviceOpt, DtypeOpt, ModelOpt, ProgressView, QuietOpt, note
 
@@ -72,8 +73,8 @@ class Request:
             raise KvcliError(f"invalid --measure {self.measure!r}: choose from {', '.join(MEASURES)}")
         if self.heads not in HEAD_MODES:
             raise KvcliError(f"invalid --heads {self.heads!r}: choose from {', '.join(HEAD_MODES)}")
-        if self.chunk_size is not None and self.chunk_size < 1:
-            raise KvcliError(f"invalid --chunk-size {self.chunk_size}: it must be a positive integer")
+        if self.chunk_size is not None:
+            checks.chunk_size("--chunk-size", self.chunk_size)
 
 
 class StageProgress(ProgressView):
@@ -224,7 +225,13 @@ def calibrate(
     quiet: QuietOpt = False,
 ):
     """Group PoD's full-attention layers into blocks by the similarity of their distant attention."""
-    from .. import api
+    from ..core.documents import load_document
+
+    checks.run_options(device, dtype, attn)
+    Request(tokens, max_block, threshold, blocks, queries, recent, n_sink, measure, heads, chunk_size).check()
+    out_path = _check_output(output)
+    doc = load_document(document) if document is not None else None
+
     from ..attention.backends import resolve_backend
     from ..cache.sizing import cache_shape
     from ..engine.models import resolve_device, resolve_dtype
@@ -232,9 +239,6 @@ def calibrate(
     from ..profile.calibrate import calibrate as run_calibration
     from ..profile.calibrate import document_ids, filler_ids, write_profile
 
-    Request(tokens, max_block, threshold, blocks, queries, recent, n_sink, measure, heads, chunk_size).check()
-    out_path = _check_output(output)
-    doc = api.open_document(document) if document is not None else None
     resolve_dtype(dtype, resolve_device(device))
     backend = resolve_backend(attn, device)
     lm = load_model(model, device, dtype, quiet or as_json)

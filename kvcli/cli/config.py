@@ -30,6 +30,7 @@ import typer
 
 from ..core import defaults
 from ..core.errors import KvcliError
+from ..core.fileio import read_text_file
 from . import checks
 
 if TYPE_CHECKING:
@@ -180,19 +181,16 @@ def load_defaults() -> Defaults:
     the file and key, or the variable)."""
     path = config_path()
     file: dict[str, Any] = {}
-    if path.is_file() or (os.environ.get("KVCLI_CONFIG") and path.exists()):
+    if os.environ.get("KVCLI_CONFIG") or path.exists():
+        text = read_text_file(path, "config file", limit=1 << 20)
         try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
+            data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
             raise KvcliError(f"config file {path}: invalid TOML ({' '.join(str(exc).split())})") from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise KvcliError(f"config file {path}: cannot read it ({type(exc).__name__})") from None
         for name, value in data.items():
             if name not in BY_NAME:
                 raise KvcliError(f"config file {path}: unknown key {name!r} (keys: {', '.join(BY_NAME)})")
             file[name] = _check(name, value, f"config file {path}: key {name!r}")
-    elif os.environ.get("KVCLI_CONFIG"):
-        raise KvcliError(f"config file {path} (KVCLI_CONFIG): no such file")
     env: dict[str, Any] = {}
     for key in KEYS:
         raw = os.environ.get(key.env)

@@ -259,10 +259,10 @@ def _decode(data: bytes, name: str) -> str:
             text = _decode_wide(data, encoding, name, "with a byte-order mark")
             break
     if text is None and b"\x00" in data[:_SNIFF_BYTES]:
-        encoding = _wide_encoding(data[:_SNIFF_BYTES])
-        if encoding is None:
+        wide = _wide_encoding(data[:_SNIFF_BYTES])
+        if wide is None:
             raise binary
-        text = _decode_wide(data, encoding, name, "without a byte-order mark")
+        text = _decode_wide(data, wide, name, "without a byte-order mark")
     if text is None:
         try:
             text = data.decode("utf-8-sig")

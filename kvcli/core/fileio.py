@@ -48,3 +48,36 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def read_text_file(path: str | os.PathLike, what: str, limit: int = 16 * 1024 * 1024) -> str:
+    """A small UTF-8 text file the user named (questions, a preset, the config file), read
+    safely: only a regular file (a FIFO or a device would block or never end), at most
+    ``limit`` bytes; every failure a one-line ``KvcliError`` naming ``what`` and the file."""
+    from .errors import KvcliError
+
+    name = f"{what} {path}"
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise KvcliError(f"{name}: cannot read it (no such file)") from None
+    except OSError as exc:
+        raise KvcliError(f"{name}: cannot read it ({exc.strerror or type(exc).__name__})") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise KvcliError(f"{name}: not a regular file")
+        if info.st_size > limit:
+            raise KvcliError(f"{name}: larger than {limit:,} bytes")
+        with os.fdopen(fd, "rb", closefd=False) as fh:
+            data = fh.read(limit + 1)
+    except OSError as exc:
+        raise KvcliError(f"{name}: cannot read it ({exc.strerror or type(exc).__name__})") from None
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise KvcliError(f"{name}: larger than {limit:,} bytes")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise KvcliError(f"{name}: not UTF-8 text") from None

@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 from ..core.errors import KvcliError
+from ..core.fileio import read_text_file
 from .tasks import Task
 
 METRICS = ("all", "any")
@@ -55,12 +56,7 @@ def load_questions(path) -> list[dict]:
     skipped. Returns dicts with "question", "answers" (list of str) and "metric", plus any
     other keys the line had. Raises KvcliError naming the line for malformed input."""
     p = Path(path)
-    try:
-        lines = p.read_text(encoding="utf-8").splitlines()
-    except OSError as e:
-        raise KvcliError(f"cannot read questions file {p}: {e.strerror or e}") from None
-    except UnicodeDecodeError:
-        raise KvcliError(f"questions file {p} is not UTF-8 text") from None
+    lines = read_text_file(p, "questions file").splitlines()  # a regular UTF-8 file, size-capped
     out: list[dict] = []
     for no, line in enumerate(lines, 1):
         if not line.strip():
