@@ -293,9 +293,16 @@ def _wide_encoding(sample: bytes) -> str | None:
             ]
         else:  # ASCII characters (spaces, digits, punctuation) put NULs in at least a fifth of high bytes
             ok = [nul[1] >= 0.2 and nul[0] <= nul[1] / 4, nul[0] >= 0.2 and nul[1] <= nul[0] / 4]
+        high = max(nul[3], nul[0]) if width == 4 else max(nul)
         for name, good in zip(names, ok, strict=True):
-            # and charset-normalizer finds it plausible as that encoding (not junk that happens to fit)
-            if good and charset_normalizer.from_bytes(sample[:n], cp_isolation=[name.replace("-", "_")]).best():
+            if not good:
+                continue
+            # Nearly all high bytes NUL over enough code units: (mostly ASCII) text, nothing else
+            # looks like that.  Otherwise charset-normalizer must find it plausible as that
+            # encoding (not junk whose NULs happen to fall on one side).
+            if (high >= 0.9 and n // width >= 8) or charset_normalizer.from_bytes(
+                sample[:n], cp_isolation=[name.replace("-", "_")]
+            ).best():
                 return name
     return None
 
