@@ -9,11 +9,41 @@
 The CLI is a thin layer over this package; tests and benchmarks use it directly.
 """
 
-from ..engine.models import LoadedModel, load_model, wrap_model
-from ..engine.sampler import Sampler
-from .context import Answer, Context
-from .prefilling import DocumentTooLong, open_document, prefill
-from .report import PrefillReport
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ..engine.models import LoadedModel, load_model, wrap_model
+    from ..engine.sampler import Sampler
+    from .context import Answer, Context
+    from .prefilling import DocumentTooLong, open_document, prefill
+    from .report import PrefillReport
+
+#: Where each name lives.  Loaded on first use (PEP 562), so that ``kvcli.api.settings``
+#: (presets, option checks) imports without torch: the CLI checks its arguments first.
+_WHERE = {
+    "LoadedModel": "..engine.models",
+    "load_model": "..engine.models",
+    "wrap_model": "..engine.models",
+    "Sampler": "..engine.sampler",
+    "Answer": ".context",
+    "Context": ".context",
+    "DocumentTooLong": ".prefilling",
+    "open_document": ".prefilling",
+    "prefill": ".prefilling",
+    "PrefillReport": ".report",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_WHERE[name], __name__), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "Answer",

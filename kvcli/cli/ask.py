@@ -9,7 +9,9 @@ import typer
 
 from ..core import defaults
 from ..core.errors import KvcliError
+from . import checks
 from .common import prefill_document
+from .config import run_settings
 from .options import (
     AttnOpt,
     BudgetOpt,
@@ -30,6 +32,7 @@ from .options import (
     emit,
     parse_options,
 )
+from .status import RunStatus
 
 QueryAwareOpt = Annotated[
     bool,
@@ -63,38 +66,42 @@ def ask(
     quiet: QuietOpt = False,
 ) -> None:
     """Answer questions about a document."""
-    from ..api import Sampler
-    from ..api.settings import resolve_settings
-
+    checks.generation(max_new_tokens, temperature, top_p)
+    checks.run_options(device, dtype, attn)
     if query_aware and len(questions) != 1:
         raise KvcliError("--query-aware needs exactly one question (the question must be known before prefill)")
-    sampler = Sampler(temperature=temperature, top_p=top_p, seed=seed)
-    settings = resolve_settings(
+    settings = run_settings(
         preset=preset, method=method, budget=budget, chunk_size=chunk_size, options=parse_options(option)
     )
-    ctx = prefill_document(
-        document,
-        settings,
-        model=model,
-        device=device,
-        dtype=dtype,
-        attn=attn,
-        truncate=truncate,
-        quiet=quiet or as_json,
-        question=questions[0] if query_aware else None,
-    )
-    results = []
-    for i, q in enumerate(questions):
-        if not as_json and len(questions) > 1:
-            emit(f"{'' if i == 0 else chr(10)}Q: {q}\nA: ")
-        ans = ctx.ask(
-            q,
-            max_new_tokens=max_new_tokens or defaults.ASK_MAX_NEW_TOKENS,
-            sampler=sampler,
-            on_text=None if as_json else emit,
+    with RunStatus(not (quiet or as_json)) as status:
+        ctx = prefill_document(
+            document,
+            settings,
+            model=model,
+            device=device,
+            dtype=dtype,
+            attn=attn,
+            truncate=truncate,
+            quiet=quiet or as_json,
+            question=questions[0] if query_aware else None,
+            status=status,
         )
-        if not as_json:
-            emit("\n")
-        results.append({"question": q, "answer": ans.text})
+        from ..api import Sampler
+
+        sampler = Sampler(temperature=temperature, top_p=top_p, seed=seed)
+        write = status.first(emit)  # the status line goes when the answer starts
+        results = []
+        for i, q in enumerate(questions):
+            if not as_json and len(questions) > 1:
+                write(f"{'' if i == 0 else chr(10)}Q: {q}\nA: ")
+            ans = ctx.ask(
+                q,
+                max_new_tokens=defaults.ASK_MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens,
+                sampler=sampler,
+                on_text=None if as_json else write,
+            )
+            if not as_json:
+                write("\n")
+            results.append({"question": q, "answer": ans.text})
     if as_json:
         print(json.dumps({"answers": results, **ctx.report().as_dict()}, indent=2))

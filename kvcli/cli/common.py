@@ -3,37 +3,31 @@ shared progress display, and the flag-worded errors only the command line needs.
 
 from __future__ import annotations
 
-import time
+import contextlib
 from typing import TYPE_CHECKING, Any
 
+from ..core.documents import load_document
 from ..core.errors import KvcliError
-from .options import note, progress
+from .options import note
+from .status import RunStatus
 
 if TYPE_CHECKING:  # annotations only: the command bodies import the library when they run
     from ..api import Context, LoadedModel
     from ..api.settings import Settings
+    from ..core.documents import Document
 
 
-def load_model(model: str, device: str, dtype: str, quiet: bool) -> LoadedModel:
-    """``api.load_model`` with the first-run conversion shown on the progress display."""
+def load_model(model: str, device: str, dtype: str, quiet: bool, status: RunStatus | None = None) -> LoadedModel:
+    """``api.load_model`` with loading (and the first-run conversion) on the status line:
+    ``status``'s when given, else one of its own for the duration of the load."""
+    if status is None:
+        with RunStatus(not quiet) as own:
+            return load_model(model, device, dtype, quiet, own)
+    status.stage(f"loading {model}", "libraries")
     from .. import api
 
-    bar = progress(not quiet)
-    if bar is None:
-        return api.load_model(model, device=device, dtype=dtype, quiet=quiet)
-    tasks: dict[str, Any] = {}
-
-    def on_status(description: str, done: int, total: int) -> None:
-        if "task" not in tasks:
-            bar.start()
-            tasks["task"] = bar.add_task(description, total=total, info="")
-        bar.update(tasks["task"], completed=done, total=total, description=description)
-
-    try:
-        return api.load_model(model, device=device, dtype=dtype, quiet=quiet, on_status=on_status)
-    finally:
-        if tasks:  # shown only while the embedded model is first converted
-            bar.stop()
+    status.stage(f"loading {model}")
+    return api.load_model(model, device=device, dtype=dtype, quiet=quiet, on_status=status.converting)
 
 
 def prefill_document(
@@ -47,21 +41,40 @@ def prefill_document(
     truncate: bool,
     quiet: bool,
     question: str | None = None,
+    status: RunStatus | None = None,
 ) -> Context:
-    """Open ``document``, load the model, prefill with a progress bar; notes on stderr."""
-    from .. import api
-    from ..attention.backends import resolve_backend
+    """Open ``document`` (before any model library loads: a bad document fails fast), load
+    the model, prefill; progress on ``status`` (one of its own when not given), notes on stderr."""
+    doc = load_document(document)
+    with contextlib.ExitStack() as stack:
+        if status is None:
+            status = stack.enter_context(RunStatus(not quiet))
+        return _prefill(doc, settings, model, device, dtype, attn, truncate, quiet, question, status)
 
-    doc = api.open_document(document)
-    backend = resolve_backend(attn, device)
+
+def _prefill(
+    doc: Document,
+    settings: Settings,
+    model: str,
+    device: str,
+    dtype: str,
+    attn: str,
+    truncate: bool,
+    quiet: bool,
+    question: str | None,
+    status: RunStatus,
+) -> Context:
     if settings.method == "pod" and not settings.budget.is_full and not quiet:
         note(
             "pod keeps every token (its saving is the shared distant keys); "
             "--budget applies to pod+kvmerger and pod+snapkv, ignored here"
         )
-    lm = load_model(model, device, dtype, quiet)
-    bar = progress(not quiet, unit="tokens")
-    t0 = time.perf_counter()
+    status.stage(f"loading {model}", "libraries")
+    from .. import api
+    from ..attention.backends import resolve_backend
+
+    backend = resolve_backend(attn, device)
+    lm = load_model(model, device, dtype, quiet, status)
     kwargs: dict[str, Any] = dict(
         method=settings.method,
         budget=settings.budget,
@@ -71,18 +84,9 @@ def prefill_document(
         backend=backend,
         question=question,
     )
+    status.start_prefill()
     try:
-        if bar is None:
-            ctx = api.prefill(lm, doc, **kwargs)
-        else:
-            with bar:
-                task = bar.add_task("prefill", total=None, info="")
-
-                def on_chunk(done: int, total: int) -> None:
-                    rate = done / max(time.perf_counter() - t0, 1e-9)
-                    bar.update(task, completed=done, total=total, info=f"{rate:,.0f} tok/s")
-
-                ctx = api.prefill(lm, doc, on_progress=on_chunk, **kwargs)
+        ctx = api.prefill(lm, doc, on_progress=status.prefill, **kwargs)
     except api.DocumentTooLong as exc:
         raise KvcliError(
             f"document is {exc.tokens} tokens; the model handles {exc.limit} positions ({exc.keep} for "
@@ -91,4 +95,10 @@ def prefill_document(
         ) from None
     if ctx.truncated and not quiet:
         note(f"document truncated: kept the first {ctx.context_tokens} tokens, dropped {ctx.truncated}")
+    if settings.budget.tokens is not None and settings.budget.tokens >= ctx.context_tokens and not quiet:
+        note(
+            f"--budget {settings.budget.tokens} keeps every token of this {ctx.context_tokens}-token document "
+            "(nothing is compressed); a ratio such as --budget 0.5 scales with the document"
+        )
+    status.stage("reading the question" if question else "starting the answer")
     return ctx

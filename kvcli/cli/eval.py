@@ -19,6 +19,7 @@ from rich.table import Table
 
 from ..core import defaults
 from ..core.errors import KvcliError
+from . import checks
 from .common import load_model
 from .options import (
     AttnOpt,
@@ -173,15 +174,21 @@ def eval_command(
     quiet: QuietOpt = False,
 ) -> None:
     """Measure answer quality of methods x budgets against the full cache."""
-    from .. import api
-    from ..attention.backends import resolve_backend
-    from ..engine.engine import check_chunk_size
-    from ..eval import runner
-    from ..eval.report import json_text, prepare_dir, write_plots, write_results
-    from ..eval.scoring import load_questions
-    from ..methods import method_names
+    from ..core.budget import parse_budget
+    from ..methods import make_method, method_names, split_options
 
     # ---- everything the user gave is checked before the model loads ------------------------
+    # (first what needs no torch, so that a typo is reported at once)
+    checks.run_options(device, dtype, attn)
+    if chunk_size is not None:
+        checks.chunk_size("--chunk-size", chunk_size)
+    names = parse_methods(methods, method_names())
+    for b in parse_list(budgets, "--budgets"):
+        parse_budget(b)
+    scored = [m for m in names if m != "full"]
+    for m, opts in split_options(parse_options(option), scored).items():
+        make_method(m, **opts)
+
     synthetic_opts = {"--tasks": tasks, "--lengths": lengths, "--samples": samples, "--depths": depths}
     if document is not None and questions is None:
         raise KvcliError("a DOCUMENT needs --questions FILE.jsonl with its question/answer pairs")
@@ -193,8 +200,15 @@ def eval_command(
             raise KvcliError(
                 f"{', '.join(given)} only apply to the synthetic tasks, not to a DOCUMENT with --questions"
             )
+    from .. import api
+    from ..attention.backends import resolve_backend
+    from ..engine.engine import check_chunk_size
+    from ..eval import runner
+    from ..eval.report import json_text, prepare_dir, write_plots, write_results
+    from ..eval.scoring import load_questions
+
     settings = runner.EvalSettings(
-        methods=parse_methods(methods, method_names()),
+        methods=names,
         budgets=parse_list(budgets, "--budgets"),
         chunk_size=defaults.CHUNK_SIZE if chunk_size is None else chunk_size,
         query_aware=query_aware,

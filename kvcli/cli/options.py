@@ -52,12 +52,15 @@ PresetOpt = Annotated[
 ChunkOpt = Annotated[
     int | None,
     typer.Option(
-        "--chunk-size", help=f"Prefill chunk size in tokens (default {defaults.CHUNK_SIZE}, chosen by measurement)."
+        "--chunk-size",
+        help=f"Prefill chunk size in tokens, 16 or more (default {defaults.CHUNK_SIZE}, chosen by measurement).",
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of text.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")]
-MaxNewOpt = Annotated[int | None, typer.Option("--max-new-tokens", help="Most tokens to generate per answer.")]
+MaxNewOpt = Annotated[
+    int | None, typer.Option("--max-new-tokens", help="Most tokens to generate per answer (1 or more).")
+]
 TempOpt = Annotated[float, typer.Option("--temperature", help="0 = greedy (default); > 0 samples.")]
 TopPOpt = Annotated[float, typer.Option("--top-p", help="Nucleus sampling threshold (with --temperature).")]
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="Seed for sampling.")]

@@ -17,7 +17,9 @@ from rich.table import Table
 
 from ..core import defaults
 from ..core.errors import KvcliError
+from . import checks
 from .common import load_model
+from .config import load_defaults
 from .options import (
     AttnOpt,
     BudgetOpt,
@@ -86,6 +88,42 @@ def _check_plot(plot: str | None) -> None:
         raise KvcliError(f"--plot {plot}: directory {path.resolve().parent} does not exist")
     if path.is_dir():
         raise KvcliError(f"--plot {plot}: is a directory")
+
+
+#: Without ``max_position_embeddings`` in the configuration, the longest context estimated.
+#: (The estimate replays the prefill chunk by chunk: its time grows with the context.)
+MAX_ESTIMATE_CONTEXT = 1 << 20
+
+
+def _max_positions(config: Any) -> int:
+    """The model's positions from a transformers config or a raw ``config.json`` dict (a
+    multimodal config keeps them in its ``text_config``); 0 when it does not say."""
+    for cfg in (
+        config,
+        getattr(config, "text_config", None) if not isinstance(config, dict) else config.get("text_config"),
+    ):
+        value = (
+            cfg.get("max_position_embeddings")
+            if isinstance(cfg, dict)
+            else getattr(cfg, "max_position_embeddings", None)
+        )
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return 0
+
+
+def _check_context(tokens: int, config: Any, path: Path) -> None:
+    """Refuse a context the model cannot hold, before the estimate replays it."""
+    limit = _max_positions(config)
+    if limit and tokens > limit:
+        raise KvcliError(
+            f"--context {tokens:,} is more than the model's {limit:,} positions (max_position_embeddings in {path})"
+        )
+    if not limit and tokens > MAX_ESTIMATE_CONTEXT:
+        raise KvcliError(
+            f"--context {tokens:,}: {path} does not give max_position_embeddings; contexts above "
+            f"{MAX_ESTIMATE_CONTEXT:,} tokens are refused"
+        )
 
 
 def _estimate_dtype(dtype: str, device: str) -> str:
@@ -276,9 +314,13 @@ def profile(
     from ..api.settings import resolve_settings
     from ..core.budget import parse_budget
     from ..methods import make_method, method_names, split_options
-    from ..profile.estimate import EstimateSpec
-    from ..profile.profile import ProfileSpec
 
+    checks.run_options(device, dtype, attn)
+    if chunk_size is not None:
+        checks.chunk_size("--chunk-size", chunk_size)
+    elif preset is None:  # the environment's or the config file's, if either sets one (a preset's wins)
+        value, source = load_defaults().get("chunk_size")
+        chunk_size = value if source != "default" else None
     settings = resolve_settings(preset=preset, budget=budget, chunk_size=chunk_size)
     budget_s = str(
         parse_budget(budget if budget is not None else (str(settings.budget) if preset else defaults.PROFILE_BUDGET))
@@ -297,6 +339,9 @@ def profile(
         raise KvcliError(f"invalid --decode-tokens {decode_tokens}: it must be 0 or more")
     _check_plot(plot)
     view = View(per_layer=per_layer, as_json=as_json, plot=plot, quiet=quiet)
+    from ..profile.estimate import EstimateSpec
+    from ..profile.profile import ProfileSpec
+
     if estimate:
         spec = EstimateSpec(
             methods=names,
@@ -324,13 +369,15 @@ def profile(
 
 
 def _estimate(spec: EstimateSpec, tokens: int | None, doc: str | None, view: View) -> None:
-    from ..profile.estimate import config_path, document_tokens, estimate_all
+    from ..profile.estimate import config_path, document_tokens, estimate_all, load_config
     from ..profile.plot import plot_rows
 
+    path = config_path(spec.model)
     if doc is not None:
-        n = document_tokens(config_path(spec.model), doc)
+        n = document_tokens(path, doc)
         tokens = min(tokens, n) if tokens else n
     spec.tokens = tokens or defaults.PROFILE_TOKENS
+    _check_context(spec.tokens, load_config(path), path)
     result = estimate_all(spec)
     if view.as_json:
         print(json.dumps([r.as_dict() for r in result.rows], indent=2))
@@ -344,9 +391,6 @@ def _estimate(spec: EstimateSpec, tokens: int | None, doc: str | None, view: Vie
                 [[(layer.kind, layer.bytes) for layer in r.per_layer] for r in result.rows],
                 estimate=True,
             )
-        max_pos = getattr(result.shape.config, "max_position_embeddings", None)
-        if max_pos and spec.tokens > max_pos:
-            err.print(f"[yellow]note:[/] {spec.tokens:,} tokens exceed the model's {max_pos:,} positions")
     if view.plot:
         plot_rows(result.rows, view.plot, title=f"estimate: {result.path.name}, budget {spec.budget}")
 
@@ -394,5 +438,5 @@ def _measure(spec: ProfileSpec, doc: str | None, tokens: int | None, isolate: bo
         if not view.quiet:
             err.print(f"plot written to {view.plot}", highlight=False)
     if result.interrupted:
-        err.print("kvcli: interrupted; the results above are what was measured so far", highlight=False)
-        raise typer.Exit(130)
+        err.print("kvcli: profile stopped early; the results above are what was measured so far", highlight=False)
+        raise typer.Exit(130)  # ``main`` says "interrupted" and exits 130

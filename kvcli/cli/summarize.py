@@ -8,7 +8,9 @@ from typing import Annotated
 import typer
 
 from ..core import defaults
+from . import checks
 from .common import prefill_document
+from .config import run_settings
 from .options import (
     AttnOpt,
     BudgetOpt,
@@ -29,6 +31,7 @@ from .options import (
     emit,
     parse_options,
 )
+from .status import RunStatus
 
 
 def summarize(
@@ -51,28 +54,31 @@ def summarize(
     quiet: QuietOpt = False,
 ) -> None:
     """Summarize a document."""
-    from ..api import Sampler
-    from ..api.settings import resolve_settings
-
-    sampler = Sampler(temperature=temperature, top_p=top_p, seed=seed)
-    settings = resolve_settings(
+    checks.generation(max_new_tokens, temperature, top_p)
+    checks.run_options(device, dtype, attn)
+    settings = run_settings(
         preset=preset, method=method, budget=budget, chunk_size=chunk_size, options=parse_options(option)
     )
-    ctx = prefill_document(
-        document,
-        settings,
-        model=model,
-        device=device,
-        dtype=dtype,
-        attn=attn,
-        truncate=truncate,
-        quiet=quiet or as_json,
-    )
-    ans = ctx.summarize(
-        max_new_tokens=max_new_tokens or defaults.SUMMARY_MAX_NEW_TOKENS,
-        sampler=sampler,
-        on_text=None if as_json else emit,
-    )
+    with RunStatus(not (quiet or as_json)) as status:
+        ctx = prefill_document(
+            document,
+            settings,
+            model=model,
+            device=device,
+            dtype=dtype,
+            attn=attn,
+            truncate=truncate,
+            quiet=quiet or as_json,
+            status=status,
+        )
+        from ..api import Sampler
+
+        write = status.first(emit)  # the status line goes when the summary starts
+        ans = ctx.summarize(
+            max_new_tokens=defaults.SUMMARY_MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens,
+            sampler=Sampler(temperature=temperature, top_p=top_p, seed=seed),
+            on_text=None if as_json else write,
+        )
     if as_json:
         print(json.dumps({"summary": ans.text, **ctx.report().as_dict()}, indent=2))
     else:

