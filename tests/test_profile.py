@@ -1,6 +1,7 @@
 """``kvcli profile``: reported KV bytes are the cache's tensors; the estimate equals them."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -219,6 +220,32 @@ def test_cli_estimate_unknown_model_type_reads_raw_fields(tmp_path):
     assert json.loads(result.stdout)[0]["kv_bytes"] == 2 * 100 * 2 * 2 * 16 * 2
 
 
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def _estimate_row(*args: str) -> dict:
+    result = runner.invoke(app, ["profile", "--estimate", "--json", "--methods", "full", *args])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)[0]
+
+
+def test_estimate_prices_the_dtype_the_configuration_declares(tmp_path):
+    llama = str(EXAMPLES / "llama-2-7b-32k-config.json")  # "torch_dtype": "float16"
+    row = _estimate_row("--model", llama, "--context", "32768")
+    # 32 layers x 32 KV heads x head_dim 128 x (keys + values) x 32K tokens x 2 bytes
+    assert row["dtype"] == "float16" and row["kv_bytes"] == 32 * 32 * 128 * 2 * 32768 * 2 == 16 * 1024**3
+    assert _estimate_row("--model", llama, "--context", "32768", "--dtype", "float32")["kv_bytes"] == 32 * 1024**3
+    table = runner.invoke(app, ["profile", "--estimate", "--model", llama, "--context", "4096", "--methods", "full"])
+    assert table.exit_code == 0 and "float16 (from the configuration)" in table.stdout
+    # a raw config.json (a model type transformers does not know) with the newer "dtype" key
+    cfg = {"model_type": "unknown-kind", "num_hidden_layers": 2, "num_attention_heads": 4, "hidden_size": 64}
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "dtype": "bfloat16"}))
+    assert _estimate_row("--model", str(tmp_path), "--context", "100")["dtype"] == "bfloat16"
+    # nothing declared: what kvcli loads on the device (float32 on the CPU)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert _estimate_row("--model", str(tmp_path), "--context", "100", "--device", "cpu")["dtype"] == "float32"
+
+
 @pytest.mark.parametrize(
     "args,match",
     [
@@ -327,6 +354,32 @@ def test_cli_profile_measures_each_method(tiny_model_dir, tmp_path):
     assert "streaming" in table.stdout and "peak RSS" in table.stdout and "KV bytes per layer" in table.stdout
 
 
+@pytest.mark.parametrize("full", [False, True])
+def test_bare_profile_is_the_headline_methods_on_a_short_document(tiny_model_dir, monkeypatch, full):
+    """What a bare `kvcli profile` measures, said up front; --full is the exhaustive run."""
+    from kvcli.core import defaults
+
+    seen = {}
+
+    def fake_run(spec, lm=None, isolate=True, on_event=None):
+        seen["spec"] = spec
+        return prof.ProfileResult([])
+
+    monkeypatch.setattr(prof, "run_profile", fake_run)
+    result = runner.invoke(
+        app, ["profile", "--model", str(tiny_model_dir), "--no-isolate", *(["--full"] if full else [])]
+    )
+    assert result.exit_code == 0, result.output
+    spec = seen["spec"]
+    tokens = defaults.PROFILE_FULL_TOKENS if full else defaults.PROFILE_TOKENS
+    assert spec.methods == (method_names() if full else list(defaults.HEADLINE_METHODS))
+    assert spec.source == f"generated haystack ({tokens} tokens)" and spec.budget == "0.5"
+    plan = " ".join(result.stderr.split())
+    assert f"{len(spec.methods)} methods ({', '.join(spec.methods)}), budget 0.5" in plan
+    assert f"Plan: {len(spec.methods)} prefills of" in plan and "all in this process" in plan
+    assert ("--full: every method" in plan) is not full
+
+
 def test_ctrl_c_prints_what_was_measured_and_exits_130(tiny_model_dir, monkeypatch):
     from kvcli.cli import profile as cli_profile
 
@@ -358,7 +411,7 @@ def test_ctrl_c_prints_what_was_measured_and_exits_130(tiny_model_dir, monkeypat
     assert [r["method"] for r in rows] == ["full", "streaming"]
     assert rows[0]["status"] == "ok" and rows[1]["status"] == "interrupted"
     assert rows[1]["tokens"] == 64 and rows[1]["peak_rss_bytes"] > 0
-    assert "interrupted" in result.stderr
+    assert "stopped early" in result.stderr
 
 
 def test_isolated_child_process_reports_a_row(tiny_model_dir):

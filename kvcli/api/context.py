@@ -30,6 +30,7 @@ class Answer:
     text: str
     tokens: list[int]
     seconds: float
+    capped: bool = False  # the max_new_tokens cap cut it off (no end of text, no stop string)
 
     @property
     def tokens_per_second(self) -> float:
@@ -95,11 +96,12 @@ class Context:
 
     def _complete(
         self, suffix: str, stops: list[str], max_new_tokens: int, sampler, on_text
-    ) -> tuple[str, list[int], float]:
+    ) -> tuple[str, list[int], float, bool]:
         t0 = time.perf_counter()
         shown = ""
         tokens: list[int] = []
         state = {"text": ""}
+        stopped = [False]
 
         def step(token: int) -> bool:
             nonlocal shown
@@ -113,6 +115,7 @@ class Context:
             if on_text is not None and len(visible) > len(shown) and not text.endswith("\ufffd"):
                 on_text(visible[len(shown) :])
                 shown = visible
+            stopped[0] = cut is not None
             return cut is not None
 
         self.generate_ids(self._ids(suffix)[0], max_new_tokens, sampler, step)
@@ -121,7 +124,7 @@ class Context:
         final = state["text"].strip()
         if on_text is not None and len(final) > len(shown) and final.startswith(shown):
             on_text(final[len(shown) :])
-        return final, tokens, seconds
+        return final, tokens, seconds, len(tokens) >= max_new_tokens and not stopped[0]
 
     def ask(
         self,
@@ -132,10 +135,10 @@ class Context:
         answer_prefix: str = "",
     ) -> Answer:
         """Answer one question from the context (the context is left as it was)."""
-        text, tokens, secs = self._complete(
+        text, tokens, secs, capped = self._complete(
             self.template.question(question, answer_prefix), self.template.stop_answer, max_new_tokens, sampler, on_text
         )
-        ans = Answer(question=question, text=text, tokens=tokens, seconds=secs)
+        ans = Answer(question=question, text=text, tokens=tokens, seconds=secs, capped=capped)
         self.answers.append(ans)
         return ans
 
@@ -145,10 +148,16 @@ class Context:
         sampler: Sampler | None = None,
         on_text: Callable[[str], None] | None = None,
     ) -> Answer:
-        text, tokens, secs = self._complete(
-            self.template.summary_suffix, self.template.stop_summary, max_new_tokens, sampler, on_text
+        """A summary of the context.  Without a ``sampler``: greedy with the repetition
+        guards measured for small base models (``summary_sampler``)."""
+        text, tokens, secs, capped = self._complete(
+            self.template.summary_suffix,
+            self.template.stop_summary,
+            max_new_tokens,
+            sampler or summary_sampler(),
+            on_text,
         )
-        return Answer(question="summary", text=text, tokens=tokens, seconds=secs)
+        return Answer(question="summary", text=text, tokens=tokens, seconds=secs, capped=capped)
 
     @torch.inference_mode()
     def answer_logprob(self, question: str, answer: str, answer_prefix: str = "") -> float:
@@ -191,6 +200,18 @@ class Context:
             decode_seconds=self.decode_seconds,
             chunk_size=self.engine.chunk_size,
         )
+
+
+def summary_sampler(temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None) -> Sampler:
+    """The sampler a summary uses by default: the repetition guards in ``kvcli.core.defaults``
+    (measured in docs/summarize-repetition.md; answers keep plain decoding)."""
+    return Sampler(
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+        repetition_penalty=defaults.SUMMARY_REPETITION_PENALTY,
+        no_repeat_ngram=defaults.SUMMARY_NO_REPEAT_NGRAM,
+    )
 
 
 def _first_stop(text: str, stops: list[str]) -> int | None:

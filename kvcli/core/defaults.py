@@ -20,18 +20,30 @@ QUESTION_RESERVE = 256  # positions kept free after the document for a question 
 
 ASK_MAX_NEW_TOKENS = 64
 SUMMARY_MAX_NEW_TOKENS = 200
+# Repetition guards for summaries (kvcli.engine.sampler; measured: docs/summarize-repetition.md)
+SUMMARY_REPETITION_PENALTY = 1.0
+SUMMARY_NO_REPEAT_NGRAM = 4
 
-# kvcli profile
+# The methods a bare `profile` / `eval` compares (--full: every method): the reference, the
+# two methods kvcli is built around, and SnapKV for the token-evicting baselines.
+HEADLINE_METHODS = ("full", "snapkv", "kvmerger", "pod")
+
+# kvcli profile (sized to about two minutes on an idle 2-core CPU: docs/feedback.md)
 PROFILE_BUDGET = "0.5"
-PROFILE_TOKENS = 8192  # generated haystack, and the --estimate context without --doc
+PROFILE_TOKENS = 4096  # generated haystack of a bare run
+PROFILE_FULL_TOKENS = 8192  # --full, and the --estimate context without --doc
 PROFILE_DECODE_TOKENS = 32
 PROFILE_QUESTION = "What is the main point of the document?"
 
-# kvcli eval
+# kvcli eval: a small default grid (a few minutes: docs/feedback.md); --full: every method and task
 EVAL_BUDGETS = "0.5"
-EVAL_LENGTHS = "4096"
-EVAL_SAMPLES = 1
-EVAL_DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
+EVAL_TASKS = "niah_single"
+EVAL_LENGTHS = "2048,4096"
+EVAL_SAMPLES = 3
+EVAL_DEPTHS = (0.1, 0.5, 0.9)
+EVAL_FULL_LENGTHS = "4096"
+EVAL_FULL_SAMPLES = 5
+EVAL_FULL_DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
 EVAL_OUT = "kvcli-eval-results"
 
 # kvcli calibrate

@@ -167,8 +167,10 @@ class Engine:
         """Yield tokens one at a time (no compression while decoding; appends are in place)."""
         self.cache.reserve(max_new_tokens + 1)
         logits = first_logits
+        history: list[int] = []  # what the sampler's repetition guards look at
         for i in range(max_new_tokens):
-            token = sampler(logits)
+            token = sampler(logits, history)
+            history.append(token)
             yield token
             if token in eos_ids or i == max_new_tokens - 1:
                 return

@@ -111,8 +111,8 @@ class SyntheticTasks:
     """Which synthetic tasks: ``samples`` per (kind, length) from one ``seed``; niah_single
     cycles through ``depths``."""
 
-    kinds: list[str] = field(default_factory=lambda: list(KINDS))
-    lengths: list[int] = field(default_factory=lambda: [int(defaults.EVAL_LENGTHS)])
+    kinds: list[str] = field(default_factory=lambda: defaults.EVAL_TASKS.split(","))
+    lengths: list[int] = field(default_factory=lambda: [int(n) for n in defaults.EVAL_LENGTHS.split(",")])
     samples: int = defaults.EVAL_SAMPLES
     seed: int = 0
     depths: list[float] = field(default_factory=lambda: list(defaults.EVAL_DEPTHS))

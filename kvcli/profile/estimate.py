@@ -207,15 +207,17 @@ def estimate_kv_bytes(
 @dataclass
 class EstimateSpec:
     """What to estimate: every method at one budget, for ``tokens`` of context, from ``model``'s
-    configuration (``embedded``, a ``config.json``, a model directory, or a cached hub id)."""
+    configuration (``embedded``, a ``config.json``, a model directory, or a cached hub id).
+    ``dtype`` ``auto``: the one the configuration declares, else ``device``'s default."""
 
     methods: list[str]
     budget: str = defaults.PROFILE_BUDGET
     chunk_size: int = defaults.CHUNK_SIZE
     options: dict[str, dict] = field(default_factory=dict)  # per method
     model: str = defaults.MODEL
-    dtype: str = "float32"
+    dtype: str = "auto"
     tokens: int = defaults.PROFILE_TOKENS
+    device: str = "auto"
 
 
 @dataclass
@@ -223,6 +225,37 @@ class EstimateResult:
     rows: list[Estimate]
     shape: CacheShape
     path: Path  # the configuration read
+    dtype: str = "float32"
+    dtype_source: str = "requested"  # "requested" | "config" | "device"
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def config_dtype(config: Any) -> str | None:
+    """The dtype a configuration declares (``dtype``, or the older ``torch_dtype``), when it
+    is one kvcli runs; ``None`` otherwise."""
+    for key in ("dtype", "torch_dtype"):
+        value = config.get(key) if isinstance(config, dict) else getattr(config, key, None)
+        name = str(value).removeprefix("torch.") if value is not None else None
+        if name in DTYPES:
+            return name
+    return None
+
+
+def resolve_estimate_dtype(requested: str, config: Any, device: str = "auto") -> tuple[str, str]:
+    """``(dtype, source)`` of an estimate: ``requested`` unless it is ``auto``; then what the
+    configuration declares (a float16 checkpoint is priced at float16); else what kvcli loads
+    on ``device`` (float32 on the CPU, bfloat16 on CUDA)."""
+    if requested != "auto":
+        if requested not in DTYPES:
+            raise KvcliError(f"dtype {requested!r} is invalid: use auto, {', '.join(DTYPES)}", option="dtype")
+        return requested, "requested"
+    declared = config_dtype(config)
+    if declared is not None:
+        return declared, "config"
+    cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    return ("bfloat16" if cuda else "float32"), "device"
 
 
 def config_path(model: str) -> Path:
@@ -262,13 +295,14 @@ def estimate_all(spec: EstimateSpec) -> EstimateResult:
     """Every method of ``spec`` (the full cache at budget 1), from the configuration alone."""
     path = config_path(spec.model)
     config = load_config(path)
+    dtype, source = resolve_estimate_dtype(spec.dtype, config, spec.device)
     rows = [
         estimate_kv_bytes(
             config,
             spec.tokens,
             m,
             "1" if m == "full" else spec.budget,
-            spec.dtype,
+            dtype,
             spec.chunk_size,
             spec.options.get(m),
         )
@@ -276,4 +310,4 @@ def estimate_all(spec: EstimateSpec) -> EstimateResult:
     ]
     for r in rows:
         r.model = str(path)
-    return EstimateResult(rows=rows, shape=cache_shape(config, spec.dtype), path=path)
+    return EstimateResult(rows=rows, shape=cache_shape(config, dtype), path=path, dtype=dtype, dtype_source=source)

@@ -9,10 +9,20 @@ from collections.abc import Sequence
 from .estimate import Estimate
 from .profile import ProfileRow
 
+#: One look per line, so that methods whose curves coincide stay distinguishable.
+STYLES = [
+    {"marker": m, "linestyle": ls}
+    for ls, m in zip(
+        ["-", "--", "-.", ":"] * 3, ["o", "s", "^", "D", "v", "P", "X", "*", "h", "<", ">", "p"], strict=True
+    )
+]
+
 
 def plot_rows(rows: Sequence[ProfileRow | Estimate], path: str, title: str = "") -> None:
     """KV bytes and process memory against tokens processed, one line per method.
 
+    Both axes start at zero (the RSS of a small model is mostly weights: a panel cut at
+    the lowest value would make a few MiB look large); the legend sits outside the panels.
     Written to a temporary file next to ``path`` and renamed, so a failure leaves nothing
     half-written."""
     import matplotlib  # optional weight: only plots need it
@@ -21,36 +31,50 @@ def plot_rows(rows: Sequence[ProfileRow | Estimate], path: str, title: str = "")
     import matplotlib.pyplot as plt
 
     mib = 1024 * 1024
+    nan = float("nan")
     has_mem = any(t.get("rss_bytes") for r in rows for t in r.trace)
-    fig, axes = plt.subplots(1, 2 if has_mem else 1, figsize=(12 if has_mem else 7, 4.8), squeeze=False)
+    estimate = bool(rows) and isinstance(rows[0], Estimate)
+    fig, axes = plt.subplots(
+        1, 2 if has_mem else 1, figsize=(12.5 if has_mem else 8, 4.6), squeeze=False, layout="constrained"
+    )
     ax_kv = axes[0][0]
-    for r in rows:
+    for k, r in enumerate(rows):
         trace = [t for t in r.trace if t.get("tokens") is not None]
         if not trace:
             continue
-        label = r.method if r.method == "full" else f"{r.method} @ {r.budget}"
+        label = r.method if r.budget in ("1", "1.0") else f"{r.method} @ {r.budget}"
+        style = {**STYLES[k % len(STYLES)], "markersize": 4, "markevery": max(1, len(trace) // 12)}
         xs = [t["tokens"] for t in trace]
-        nan = float("nan")
-        ax_kv.plot(xs, [t.get("kv_bytes", nan) / mib for t in trace], marker=".", label=label)
+        ax_kv.plot(xs, [t.get("kv_bytes", nan) / mib for t in trace], label=label, **style)
         if has_mem:
-            axes[0][1].plot(xs, [t.get("rss_bytes", nan) / mib for t in trace], marker=".", label=label)
-    ax_kv.set_title(
-        "KV cache held after each chunk" + (" (estimate)" if rows and isinstance(rows[0], Estimate) else "")
-    )
-    ax_kv.set_xlabel("tokens processed")
+            axes[0][1].plot(xs, [t.get("rss_bytes", nan) / mib for t in trace], label=label, **style)
+    ax_kv.set_title("KV cache held after each chunk" + (" (estimate)" if estimate else ""))
     ax_kv.set_ylabel("KV cache (MiB)")
-    ax_kv.set_ylim(bottom=0)
     if has_mem:
         ax = axes[0][1]
-        ax.set_title("process memory (RSS) after each chunk")
-        ax.set_xlabel("tokens processed")
+        base = [r.rss_baseline_bytes for r in rows if isinstance(r, ProfileRow) and r.rss_baseline_bytes]
+        if base:  # what the model alone holds: the part of RSS no method changes
+            ax.axhline(min(base) / mib, color="grey", linewidth=1, linestyle=(0, (1, 3)))
+            ax.annotate(
+                "after loading the model",
+                (0, min(base) / mib),
+                xytext=(4, -12),
+                textcoords="offset points",
+                fontsize="small",
+                color="grey",
+            )
+        ax.set_title("process memory (RSS, weights included) after each chunk")
         ax.set_ylabel("RSS (MiB)")
     for ax in axes[0]:
+        ax.set_xlabel("tokens processed")
+        ax.set_xlim(left=0)
+        ax.set_ylim(bottom=0, top=ax.get_ylim()[1] * 1.05)
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize="small")
+    handles, labels = ax_kv.get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="outside right upper", fontsize="small", title="method @ budget")
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
     directory = os.path.dirname(os.path.abspath(path))
     suffix = os.path.splitext(path)[1] or ".png"
     fd, tmp = tempfile.mkstemp(prefix=".kvcli-plot-", suffix=suffix, dir=directory)

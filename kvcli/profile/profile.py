@@ -48,6 +48,7 @@ from ..core.budget import Budget, parse_budget
 from ..core.documents import load_document
 from ..core.errors import KvcliError
 from ..engine.sampler import Sampler
+from ..eval.speed import measure_speed
 from ..eval.tasks import generate_task
 from ..methods import make_method
 
@@ -350,6 +351,7 @@ class ProfileSpec:
     question: str = QUESTION
     raw: bool = False
     source: str | None = None  # where ``document`` came from, reported in each row
+    calibrate: bool = True  # time one chunk and a few decode steps first (the "loaded" event's data)
 
 
 @dataclass
@@ -358,7 +360,9 @@ class ProfileResult:
     interrupted: bool = False
 
 
-# on_event(event, method, data): "start", "loaded", "chunk" (data = (done, total)), "decode", "done" (data = row)
+# on_event(event, method, data): "start"; "loaded" (data: None, or for the first method with
+# ``calibrate`` the measured (seconds per prefill token, seconds per decoded token)); "chunk"
+# (data = (done, total)); "done" (data = row).
 EventFn = Callable[[str, str, Any], None]
 
 
@@ -372,18 +376,23 @@ def run_profile(
     """Every method of ``spec`` in turn: isolated child processes, or in-process with ``lm``."""
     emit = on_event or _ignore
     rows: list[ProfileRow] = []
+    speed = None
     if not isolate and lm is not None:
-        warm_up(lm)
-    for method in spec.methods:
+        if spec.calibrate:
+            sp = measure_speed(lm, spec.document, spec.chunk_size, raw=spec.raw)
+            speed = (sp.prefill, sp.decode)
+        else:
+            warm_up(lm)
+    for k, method in enumerate(spec.methods):
         emit("start", method, None)
         try:
             if isolate:
-                row = _run_child(spec, method, emit)
+                row = _run_child(spec, method, emit, calibrate=spec.calibrate and k == 0)
             else:
                 if lm is None:
                     raise ValueError("in-process profiling needs a loaded model")
                 trim_allocator()
-                emit("loaded", method, None)
+                emit("loaded", method, speed if k == 0 else None)
                 row = _in_process(spec, method, lm, emit)
         except ProfileInterrupted as exc:
             exc.row.document, exc.row.isolated = spec.source, isolate
@@ -419,9 +428,10 @@ def _in_process(spec: ProfileSpec, method: str, lm: LoadedModel, emit: EventFn) 
     return m.row
 
 
-def _child_spec(spec: ProfileSpec, method: str) -> dict:
+def _child_spec(spec: ProfileSpec, method: str, calibrate: bool = False) -> dict:
     doc = list(map(int, spec.document)) if spec.raw else spec.document
     return {
+        "calibrate": calibrate,
         "model": spec.model,
         "device": spec.device,
         "dtype": spec.dtype,
@@ -437,7 +447,7 @@ def _child_spec(spec: ProfileSpec, method: str) -> dict:
     }
 
 
-def _run_child(spec: ProfileSpec, method: str, emit: EventFn) -> ProfileRow:
+def _run_child(spec: ProfileSpec, method: str, emit: EventFn, calibrate: bool = False) -> ProfileRow:
     with tempfile.TemporaryFile(mode="w+", prefix="kvcli-profile-") as errf:
         proc = subprocess.Popen(
             [sys.executable, "-m", "kvcli.profile"],
@@ -450,7 +460,7 @@ def _run_child(spec: ProfileSpec, method: str, emit: EventFn) -> ProfileRow:
         result: dict | None = None
         try:
             assert proc.stdin is not None and proc.stdout is not None  # both are pipes
-            proc.stdin.write(json.dumps(_child_spec(spec, method)))
+            proc.stdin.write(json.dumps(_child_spec(spec, method, calibrate)))
             proc.stdin.close()
             for line in proc.stdout:
                 msg = json.loads(line)
@@ -513,9 +523,14 @@ def child_main() -> None:
     try:
         spec = json.loads(sys.stdin.read())
         lm = load_model(spec["model"], device=spec["device"], dtype=spec["dtype"], quiet=True)
-        warm_up(lm)
+        speed = None
+        if spec.get("calibrate"):  # warms up too
+            sp = measure_speed(lm, spec["document"], spec["chunk_size"], raw=spec["raw"])
+            speed = [sp.prefill, sp.decode]
+        else:
+            warm_up(lm)
         trim_allocator()
-        send("loaded")
+        send("loaded", data=speed)
         m = measure(
             lm,
             spec["document"],
@@ -558,7 +573,7 @@ def first_tokens(tokenizer, text: str, tokens: int) -> str:
 
 def profile_text(tokenizer, path: str | None = None, tokens: int | None = None) -> tuple[str, str]:
     """``(text, source)`` to profile on: the document at ``path`` (its first ``tokens``
-    tokens when given), else a generated haystack of ``tokens`` (default 8192)."""
+    tokens when given), else a generated haystack of ``tokens`` (default ``PROFILE_TOKENS``)."""
     if path is not None:
         text = load_document(path).text
         return (text if tokens is None else first_tokens(tokenizer, text, tokens)), path
