@@ -20,6 +20,7 @@ from ..core.errors import KvcliError
 from . import checks
 from .common import load_model
 from .config import load_defaults
+from .eta import Eta, minutes_text, work_text
 from .options import (
     AttnOpt,
     BudgetOpt,
@@ -126,18 +127,6 @@ def _check_context(tokens: int, config: Any, path: Path) -> None:
         )
 
 
-def _estimate_dtype(dtype: str, device: str) -> str:
-    if dtype != "auto":
-        return dtype
-    if device == "cuda":
-        return "bfloat16"
-    if device == "cpu":
-        return "float32"
-    import torch
-
-    return "bfloat16" if torch.cuda.is_available() else "float32"
-
-
 # ---- tables -------------------------------------------------------------------------------------
 def _per_layer_table(
     out: Console, methods: list[str], layers: list[list[tuple[str, int]]], estimate: bool = False
@@ -196,8 +185,12 @@ def _results_table(out: Console, rows: Sequence[ProfileRow], title: str, caption
     out.print(table)
 
 
-def _estimate_table(out: Console, result: EstimateResult, dtype: str) -> None:
+DTYPE_SOURCE = {"requested": "--dtype", "config": "from the configuration", "device": "kvcli's default on this device"}
+
+
+def _estimate_table(out: Console, result: EstimateResult) -> None:
     shape, rows = result.shape, result.rows
+    dtype = f"{result.dtype} ({DTYPE_SOURCE[result.dtype_source]})"
     grow = len(shape.growing_indices)
     slide = len(shape.layer_kinds) - grow
     layout = f"{len(shape.layer_kinds)} layers ({grow} full attention" + (
@@ -229,13 +222,42 @@ def _estimate_table(out: Console, result: EstimateResult, dtype: str) -> None:
 
 
 class ProfileProgress(ProgressView):
-    """Per-method progress lines on stderr (``run_profile``'s ``on_event``)."""
+    """Per-method progress lines on stderr (``run_profile``'s ``on_event``), and an overall
+    line whose ETA is computed from the work done (``Eta``): process starts, prefill tokens,
+    decoded tokens, each at the speed measured so far."""
 
-    def __init__(self, enabled: bool) -> None:
+    def __init__(self, enabled: bool, eta: Eta, decode_tokens: int) -> None:
         super().__init__(enabled)
         self.t0: dict[str, float] = {}
+        self.eta = eta
+        self.decode_tokens = decode_tokens
+        self.tokens = 0
+        self.finished = 0
+        self.overall = None if self.bar is None else self.bar.add_task("overall", total=eta.totals["start"], info="")
+
+    def _overall(self) -> None:
+        if self.bar is not None and self.overall is not None:
+            self.bar.update(self.overall, completed=self.finished, info=self.eta.text())
 
     def __call__(self, event: str, method: str, data: Any) -> None:
+        if event == "loaded":
+            self.eta.record("start", 1)
+            if data is not None:  # the first process timed a chunk and a few decode steps
+                self.eta.prior.update(prefill=data[0], decode=data[1])
+                if self.bar is not None:
+                    self.bar.console.print(
+                        f"Estimate: {minutes_text(self.eta.planned_seconds() or 0)} at the speed measured now "
+                        f"({self.eta.rate('start'):.1f} s to start, {1 / data[0]:,.0f} tok/s prefill, "
+                        f"{1 / data[1]:,.1f} tok/s decode)",
+                        highlight=False,
+                    )
+        elif event == "chunk":
+            self.eta.record("prefill", data[0] - self.tokens)
+            self.tokens = data[0]
+        elif event == "done":
+            self.eta.record("decode", self.decode_tokens)
+            self.tokens = 0
+            self.finished += 1
         if self.bar is None:
             return
         if event == "start":
@@ -256,6 +278,7 @@ class ProfileProgress(ProgressView):
                 f"KV {_size(r.kv_bytes)}, {_num(r.prefill_tokens_per_second)} tok/s" if r.status == "ok" else r.status
             )
             self.bar.update(task, info=info)
+        self._overall()
 
 
 # ---- the command ---------------------------------------------------------------------------------
@@ -263,7 +286,11 @@ def profile(
     budget: BudgetOpt = None,
     methods: Annotated[
         str | None,
-        typer.Option("--methods", help="Comma-separated methods to compare (default: every method, or the preset's)."),
+        typer.Option(
+            "--methods",
+            help=f"Comma-separated methods to compare (default: {', '.join(defaults.HEADLINE_METHODS)}, or the "
+            "preset's; every method with --full or --estimate).",
+        ),
     ] = None,
     preset: PresetOpt = None,
     option: OptionOpt = None,
@@ -275,9 +302,18 @@ def profile(
         typer.Option(
             "--tokens",
             "--context",
-            help=f"Tokens to process (default {defaults.PROFILE_TOKENS}; with --doc, the whole document).",
+            help=f"Tokens to process (default {defaults.PROFILE_TOKENS:,}; {defaults.PROFILE_FULL_TOKENS:,} with "
+            "--full or --estimate; with --doc, the whole document).",
         ),
     ] = None,
+    full: Annotated[
+        bool,
+        typer.Option(
+            "--full",
+            help=f"The exhaustive run: every method on {defaults.PROFILE_FULL_TOKENS:,} tokens (explicit --methods / "
+            "--tokens win).",
+        ),
+    ] = False,
     model: ModelOpt = defaults.MODEL,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
@@ -325,7 +361,10 @@ def profile(
     budget_s = str(
         parse_budget(budget if budget is not None else (str(settings.budget) if preset else defaults.PROFILE_BUDGET))
     )
-    names = parse_methods(methods, [settings.method] if preset else method_names())
+    names = parse_methods(
+        methods,
+        [settings.method] if preset else method_names() if full or estimate else list(defaults.HEADLINE_METHODS),
+    )
     options: dict[str, dict] = {m: {} for m in names}
     if preset and settings.method in options:
         options[settings.method].update(settings.options)
@@ -349,7 +388,8 @@ def profile(
             chunk_size=settings.chunk_size,
             options=options,
             model=model,
-            dtype=_estimate_dtype(dtype, device),
+            dtype=dtype,
+            device=device,
         )
         _estimate(spec, tokens, doc, view)
         return
@@ -365,6 +405,8 @@ def profile(
         dtype=dtype,
         backend=attn,
     )
+    if tokens is None and doc is None:
+        tokens = defaults.PROFILE_FULL_TOKENS if full else defaults.PROFILE_TOKENS
     _measure(run, doc, tokens, isolate, view)
 
 
@@ -376,14 +418,14 @@ def _estimate(spec: EstimateSpec, tokens: int | None, doc: str | None, view: Vie
     if doc is not None:
         n = document_tokens(path, doc)
         tokens = min(tokens, n) if tokens else n
-    spec.tokens = tokens or defaults.PROFILE_TOKENS
+    spec.tokens = tokens or defaults.PROFILE_FULL_TOKENS
     _check_context(spec.tokens, load_config(path), path)
     result = estimate_all(spec)
     if view.as_json:
         print(json.dumps([r.as_dict() for r in result.rows], indent=2))
     else:
         out = _out()
-        _estimate_table(out, result, spec.dtype)
+        _estimate_table(out, result)
         if view.per_layer:
             _per_layer_table(
                 out,
@@ -398,6 +440,7 @@ def _estimate(spec: EstimateSpec, tokens: int | None, doc: str | None, view: Vie
 def _measure(spec: ProfileSpec, doc: str | None, tokens: int | None, isolate: bool, view: View) -> None:
     from ..attention.backends import resolve_backend
     from ..engine.models import load_tokenizer, resolve_device, resolve_dtype
+    from ..methods import method_names
     from ..profile.plot import plot_rows
     from ..profile.profile import profile_text, run_profile
 
@@ -410,7 +453,23 @@ def _measure(spec: ProfileSpec, doc: str | None, tokens: int | None, isolate: bo
         lm = load_model(spec.model, spec.device, spec.dtype, view.quiet)
         tokenizer = lm.tokenizer
     spec.document, spec.source = profile_text(tokenizer, doc, tokens)
-    with ProfileProgress(not view.quiet) as on_event:
+    n_tokens = len(tokenizer.encode(spec.document, add_special_tokens=False)) + 1  # and BOS
+    what = (
+        f"{spec.model} model, {len(spec.methods)} method{'s' if len(spec.methods) != 1 else ''} "
+        f"({', '.join(spec.methods)}), budget {spec.budget}, {n_tokens:,} tokens of {spec.source}"
+    )
+    if not view.quiet:
+        err.print(
+            f"Profile: {what}. Plan: {work_text(len(spec.methods), [n_tokens])} + {spec.decode_tokens} decoded, "
+            + ("each method in a fresh process." if isolate else "all in this process.")
+            + ("" if len(spec.methods) >= len(method_names()) else " (--full: every method.)"),
+            highlight=False,
+            soft_wrap=True,
+        )
+    spec.calibrate = not view.quiet  # the estimate is for the display only
+    totals = {"start": len(spec.methods), "prefill": n_tokens * len(spec.methods)}
+    totals["decode"] = spec.decode_tokens * len(spec.methods)
+    with ProfileProgress(not view.quiet, Eta(totals), spec.decode_tokens) as on_event:
         result = run_profile(spec, lm=lm, isolate=isolate, on_event=on_event)
     rows = result.rows
     if view.as_json:
@@ -426,7 +485,7 @@ def _measure(spec: ProfileSpec, doc: str | None, tokens: int | None, isolate: bo
             + " (weights included); RSS over model: above the RSS after loading. "
             "TTFT: prefill + question + first token."
         )
-        _results_table(out, rows, f"kvcli profile: {spec.source}", caption)
+        _results_table(out, rows, f"kvcli profile: {what}", caption)
         if view.per_layer:
             ok = [r for r in rows if r.kv_bytes_all_layers]
             _per_layer_table(out, [r.method for r in ok], [_measured_layers(r) for r in ok])
