@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hours", type=float, default=1.0, help="time the default sample count aims at (default 1)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--chunk-size", type=int, default=defaults.CHUNK_SIZE)
-    ap.add_argument("--query-aware", action="store_true")
+    ap.add_argument("--scoring", default="auto", help="comma-separated scorings, each its own run (auto = recon here)")
     ap.add_argument("--model", default="embedded")
     ap.add_argument("--out", default=str(ROOT / "results"))
     ap.add_argument("--plot", default=None, help="also write plots into this directory")
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{done}/{total}] {el / 60:.1f} min{eta}  {label}", file=sys.stderr, flush=True)
 
     settings = runner.EvalSettings(methods=methods, budgets=budgets, chunk_size=args.chunk_size,
-                                   query_aware=args.query_aware)
+                                   scorings=parse_list(args.scoring, "--scoring"))
     result = runner.run_eval(lm, items, settings, on_step=on_step,
                              config={"kinds": kinds, "lengths": lengths, "samples": samples, "seed": args.seed,
                                      "depths": depths})

@@ -91,22 +91,34 @@ def documents(tokenizer, length: int) -> list[tuple[str, str]]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--penalties", default="1.0,1.1,1.2,1.3")
+    ap.add_argument("--penalties", default="1.0,1.1,1.2")
     ap.add_argument("--ngrams", default="0,3,4")
+    ap.add_argument(
+        "--settings", default=None, help="explicit PENALTY:NGRAM pairs instead of the grid, e.g. 1.0:0,1.0:3"
+    )
     ap.add_argument("--max-new-tokens", type=int, default=defaults.SUMMARY_MAX_NEW_TOKENS)
     ap.add_argument("--doc-length", type=int, default=2048, help="tokens of each generated document")
     ap.add_argument("--needles", type=int, default=5, help="niah_single tasks for the ask check (0: skip)")
     ap.add_argument("--needle-length", type=int, default=2048)
     ap.add_argument("--model", default=defaults.MODEL)
     ap.add_argument("--out", default=str(ROOT / "results" / "summary_repetition.json"))
+    ap.add_argument("--resume", action="store_true", help="keep the measurements already in --out, do the rest")
     args = ap.parse_args(argv)
-    grid = [(float(p), int(n)) for p in args.penalties.split(",") for n in args.ngrams.split(",")]
+    if args.settings:
+        grid = [(float(p), int(n)) for p, n in (pair.split(":") for pair in args.settings.split(","))]
+    else:
+        grid = [(float(p), int(n)) for p in args.penalties.split(",") for n in args.ngrams.split(",")]
 
     lm = api.load_model(args.model, quiet=True)
     t_start = time.perf_counter()
-    summaries: list[dict] = []
-    asks: list[dict] = []
     out = Path(args.out)
+    old = json.loads(out.read_text()) if args.resume and out.exists() else {}
+    summaries: list[dict] = [
+        r for r in old.get("summaries", []) if (r["repetition_penalty"], r["no_repeat_ngram"]) in grid
+    ]
+    asks: list[dict] = [r for r in old.get("asks", []) if (r["repetition_penalty"], r["no_repeat_ngram"]) in grid]
+    done = {(r["document"], r["repetition_penalty"], r["no_repeat_ngram"]) for r in summaries}
+    asked = {(r["depth"], r["repetition_penalty"], r["no_repeat_ngram"]) for r in asks}
     out.parent.mkdir(parents=True, exist_ok=True)
     command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
 
@@ -115,8 +127,11 @@ def main(argv: list[str] | None = None) -> int:
         out.write_text(json.dumps({**result, "summaries": summaries, "asks": asks}, indent=2) + "\n")
 
     for name, text in documents(lm.tokenizer, args.doc_length):
+        todo = [(p, n) for p, n in grid if (name, p, n) not in done]
+        if not todo:
+            continue
         ctx = api.prefill(lm, text, method="full")
-        for penalty, ngram in grid:
+        for penalty, ngram in todo:
             sampler = Recording(repetition_penalty=penalty, no_repeat_ngram=ngram)
             t0 = time.perf_counter()
             ans = ctx.summarize(max_new_tokens=args.max_new_tokens, sampler=sampler)
@@ -146,8 +161,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.needles:
         items = synthetic_items(lm.tokenizer, ["niah_single"], [args.needle_length], args.needles, seed=0)
         for it in items:
+            todo = [(p, n) for p, n in grid if (it.depth, p, n) not in asked]
+            if not todo:
+                continue
             ctx = api.prefill(lm, it.context, method="full")
-            for penalty, ngram in grid:
+            for penalty, ngram in todo:
                 sampler = api.Sampler(repetition_penalty=penalty, no_repeat_ngram=ngram)
                 limit = max_new_tokens_for(it, lm.tokenizer)
                 ans = ctx.ask(it.question, max_new_tokens=limit, sampler=sampler, answer_prefix=it.answer_prefix)

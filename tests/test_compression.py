@@ -91,7 +91,7 @@ def test_positions_after_eviction_match_reference(method):
     new = torch.randint(3, 128, (5,))
     got = []
     for t in new.tolist():
-        got.append(ctx.engine.forward(torch.tensor([[t]]), collect=False))
+        got.append(ctx.engine.forward(torch.tensor([[t]])))
     ref_ids = torch.cat([ids[kept], new]).view(1, -1)
     ref_pos = torch.cat([kept, torch.arange(120, 125)]).view(1, -1)
     with torch.inference_mode():
@@ -119,7 +119,7 @@ def test_decode_appends_in_place():
     ctx.engine.cache.reserve(8)
     ptr = layer.keys.data_ptr()
     for t in range(5):
-        ctx.engine.forward(torch.tensor([[5 + t]]), collect=False)
+        ctx.engine.forward(torch.tensor([[5 + t]]))
     assert layer.keys.data_ptr() == ptr and layer.length == 37
 
 

@@ -158,10 +158,10 @@ def test_questions_share_one_prefill(tiny_lm, tmp_path):
     run_eval(
         tiny_lm,
         items,
-        EvalSettings(methods=["snapkv"], budgets=[0.5], chunk_size=64, query_aware=True, max_new_tokens=2),
+        EvalSettings(methods=["snapkv"], budgets=[0.5], chunk_size=64, scorings=["question"], max_new_tokens=2),
         on_step=lambda d, t, label: steps.append(t),
     )
-    assert steps[-1] == 4  # query-aware: one prefill per question
+    assert steps[-1] == 3  # the full cache once for the context; query-aware snapkv once per question
 
 
 def test_validation_errors():
@@ -193,6 +193,7 @@ def test_plots(tmp_path):
             sample=0,
             method=m,
             budget=b,
+            scoring=None,
             score=1.0 if m == "full" or d < 0.5 else 0.0,
             logprob=-1.0,
             logprob_delta=0.0,
@@ -205,7 +206,8 @@ def test_plots(tmp_path):
     ]
     paths = write_plots(rows, tmp_path / "plots")
     names = sorted(p.name for p in paths)
-    assert names == ["needle_full.png", "needle_h2o_at_0.35.png", "needle_h2o_at_0.5.png", "score_vs_budget.png"]
+    # one heatmap grid for every run, and the two plots against budget
+    assert names == ["logprob_delta.png", "needle_heatmaps.png", "score_vs_budget.png"]
     assert all(p.stat().st_size > 1000 for p in paths)
     assert "| h2o@0.5 | 50.0 | 50.0 |" in markdown_table(rows)
 

@@ -19,6 +19,7 @@ from kvcli.attention import backends
 from kvcli.cache import SharedKeyLayer
 from kvcli.core.budget import Budget
 from kvcli.engine.engine import Engine
+from kvcli.engine.scoring import Scoring
 from kvcli.methods import make_method
 from kvcli_kernels import triton_available
 
@@ -141,9 +142,17 @@ def test_kernel_triton_query_aware_probe_and_stats(models, spies):
     probe = torch.randint(3, 128, (1, 6))
     out = {}
     for backend in ("sdpa", "triton"):
-        eng = Engine(lm.model, make_method("pod+kvmerger", **POD), Budget(ratio=0.5), chunk_size=16, backend=backend)
+        scoring = Scoring(name="question", questions=[probe[0].tolist()])
+        eng = Engine(
+            lm.model,
+            make_method("pod+kvmerger", **POD),
+            Budget(ratio=0.5),
+            chunk_size=16,
+            backend=backend,
+            scoring=scoring,
+        )
         out[backend] = (
-            eng.prefill(ids, probe_ids=probe),
+            eng.prefill(ids),
             [layer.valid("scores") for layer in eng.cache.growing_layers],
         )
     torch.testing.assert_close(out["triton"][0], out["sdpa"][0], atol=2e-5, rtol=2e-5)

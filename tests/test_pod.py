@@ -163,7 +163,7 @@ def test_member_attention_is_one_softmax_over_own_proximal_and_anchor_distant_ke
     assert isinstance(member, SharedKeyLayer) and member.anchor is anchor and not isinstance(anchor, SharedKeyLayer)
     assert (member.head_keys.shape[2], member.n_tail, member.length) == (N_S, N_R, DOC)
     with spy_attention() as calls:  # decode one token at position 200
-        ctx.engine.forward(torch.tensor([[new]]), collect=False)
+        ctx.engine.forward(torch.tensor([[new]]))
     call = calls[1]
 
     # Independent reference: the uncompressed model over the same 201 tokens.  Layer 0 (the
@@ -234,7 +234,7 @@ def test_pod_kvmerger_member_reads_the_merged_distant_keys_with_count_bias(model
     assert torch.equal(member.key_positions(), anchor.key_positions())  # layouts in step
     assert member.entry_counts().max() > 1  # distant entries were merged
     with spy_attention() as calls:
-        ctx.engine.forward(torch.tensor([[77]]), collect=False)
+        ctx.engine.forward(torch.tensor([[77]]))
     call = calls[1]
     n = member.length  # 101 with the new token
     sl = slice(N_S, n - N_R - 1)

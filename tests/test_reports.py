@@ -21,10 +21,10 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 #: ``Context.report()``'s keys before it was typed, in order (what ``--json`` prints after the answers).
 REPORT_KEYS = [
-    "model", "method", "method_options", "budget", "context_tokens", "truncated_tokens", "kv_bytes",
+    "model", "method", "method_options", "budget", "scoring", "context_tokens", "truncated_tokens", "kv_bytes",
     "kv_bytes_full", "kv_ratio", "compressed_layers", "kv_bytes_per_layer", "kv_bytes_all_layers", "kept_tokens",
-    "peak_rss_bytes", "prefill_seconds", "prefill_tokens_per_second", "compress_seconds", "decode_seconds",
-    "chunk_size",
+    "peak_rss_bytes", "peak_prefill_kv_bytes", "peak_scoring_kv_bytes", "prefill_seconds",
+    "prefill_tokens_per_second", "compress_seconds", "scoring_seconds", "decode_seconds", "chunk_size",
 ]  # fmt: skip
 #: A measured profile row's keys (status "ok"), in order; the CLI adds document and isolated.
 PROFILE_KEYS = [

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from ..engine.models import LoadedModel, load_model, wrap_model
     from ..engine.sampler import Sampler
     from .context import Answer, Context
-    from .prefilling import DocumentTooLong, open_document, prefill
+    from .prefilling import DocumentTooLong, open_document, prefill, resolve_scoring
     from .report import PrefillReport
 
 #: Where each name lives.  Loaded on first use (PEP 562), so that ``kvcli.api.settings``
@@ -33,6 +33,7 @@ _WHERE = {
     "DocumentTooLong": ".prefilling",
     "open_document": ".prefilling",
     "prefill": ".prefilling",
+    "resolve_scoring": ".prefilling",
     "PrefillReport": ".report",
 }
 
@@ -55,5 +56,6 @@ __all__ = [
     "load_model",
     "open_document",
     "prefill",
+    "resolve_scoring",
     "wrap_model",
 ]

@@ -82,7 +82,7 @@ class Context:
             ids = torch.as_tensor([] if suffix_ids is None else suffix_ids, dtype=torch.long).view(1, -1)
             if ids.numel():
                 for start in range(0, ids.shape[1], self.engine.chunk_size):
-                    logits = self.engine.forward(ids[:, start : start + self.engine.chunk_size], collect=False)
+                    logits = self.engine.forward(ids[:, start : start + self.engine.chunk_size])
             eos = self._eos()
             for token in self.engine.generate(logits, max_new_tokens, sampler, eos):
                 if token in eos:
@@ -166,11 +166,11 @@ class Context:
         target = self._ids(" " + answer.strip())[0]
         mark = self.engine.cache.checkpoint()
         try:
-            logits = self.engine.forward(prompt.view(1, -1), collect=False)
+            logits = self.engine.forward(prompt.view(1, -1))
             total = 0.0
             for tok in target.tolist():
                 total += float(torch.log_softmax(logits.float(), dim=-1)[tok])
-                logits = self.engine.forward(torch.tensor([[tok]]), collect=False)
+                logits = self.engine.forward(torch.tensor([[tok]]))
         finally:
             self.engine.cache.rollback(mark)
         return total / max(1, target.numel())
@@ -184,6 +184,7 @@ class Context:
             method=self.engine.method.label,
             method_options=self.engine.method.options(),
             budget=str(self.engine.budget),
+            scoring=self.engine.scoring.name if self.engine.track else None,
             context_tokens=self.context_tokens,
             truncated_tokens=self.truncated,
             kv_bytes=rep.kv_bytes,
@@ -194,9 +195,12 @@ class Context:
             kv_bytes_all_layers=rep.per_layer,
             kept_tokens=rep.kept_tokens,
             peak_rss_bytes=peak_rss_bytes(),
+            peak_prefill_kv_bytes=stats.max_cache_bytes,
+            peak_scoring_kv_bytes=stats.max_scoring_cache_bytes,
             prefill_seconds=stats.seconds,
             prefill_tokens_per_second=stats.tokens / stats.seconds if stats.seconds else 0.0,
             compress_seconds=stats.compress_seconds,
+            scoring_seconds=stats.scoring_seconds,
             decode_seconds=self.decode_seconds,
             chunk_size=self.engine.chunk_size,
         )

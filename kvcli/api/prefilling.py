@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -10,9 +10,10 @@ from ..core import defaults
 from ..core.budget import Budget, parse_budget
 from ..core.documents import Document, load_document
 from ..core.errors import KvcliError
-from ..core.prompts import choose_template
+from ..core.prompts import Template, choose_template
 from ..engine.engine import Engine, check_chunk_size
 from ..engine.models import LoadedModel
+from ..engine.scoring import SCORINGS, ReconPrompt, Scoring
 from ..methods import Method, make_method
 from .context import Context
 
@@ -34,13 +35,42 @@ def open_document(path: str) -> Document:
     return load_document(path)
 
 
+#: What ``scoring="auto"`` picks, by measurement (README, "Scoring"): with the questions
+#: known before prefill (the context then serves them only), and without.
+AUTO_WITH_QUESTIONS = "question"
+AUTO_WITHOUT_QUESTIONS = "recon"
+
+
+def resolve_scoring(scoring: str, has_questions: bool) -> str:
+    """The scoring a run uses: ``auto`` becomes what measured best for the case (questions
+    known before prefill, or not)."""
+    if scoring == "auto":
+        return AUTO_WITH_QUESTIONS if has_questions else AUTO_WITHOUT_QUESTIONS
+    if scoring not in SCORINGS:
+        raise KvcliError(f"scoring {scoring!r} is unknown: use auto or one of {', '.join(SCORINGS)}", option="scoring")
+    if "question" in scoring and not has_questions:
+        raise KvcliError(f"scoring {scoring} needs the questions before prefill", option="scoring")
+    return scoring
+
+
+def make_scoring(name: str, template: Template, tokenizer, questions: Sequence[str]) -> Scoring:
+    def ids(text: str) -> list[int]:
+        return tokenizer.encode(text, add_special_tokens=False)
+
+    first, next_head, next_tail = template.reconstruction()
+    recon = ReconPrompt(tuple(ids(first)), tuple(ids(next_head)), tuple(ids(next_tail)))
+    asked = [ids(template.question(q)) for q in questions] if "question" in name else []
+    return Scoring(name=name, questions=asked, recon=recon)
+
+
 def prefill(
     lm: LoadedModel,
     document: Document | str | list[int] | torch.Tensor,
     method: str | Method = defaults.METHOD,
     budget: Budget | float | str = 1.0,
     chunk_size: int = defaults.CHUNK_SIZE,
-    question: str | None = None,
+    questions: str | Sequence[str] | None = None,
+    scoring: str = defaults.SCORING,
     truncate: bool = False,
     on_progress: Callable[[int, int], None] | None = None,
     method_options: dict | None = None,
@@ -51,13 +81,17 @@ def prefill(
 
     ``method``: a name (with ``method_options``: ``KEY`` / ``METHOD.KEY``, see
     ``kvcli.methods.registry``) or a ``Method`` object, used as it is (it holds this run's
-    state afterwards).  ``question``: when given (a single question known before prefill), query-aware methods
-    score entries by the attention this question pays them.  ``raw``: the document is
+    state afterwards).  ``questions``: the questions, when they are known before prefill and
+    the context is for them only (query-aware scoring may use them).  ``scoring``: where
+    scored methods get their statistics (``kvcli.engine.scoring``): ``auto`` (default) is
+    question scoring when questions are given, else reconstruction.  ``raw``: the document is
     already token ids; no template is applied (used by tests against ``generate()``).
     """
     if not isinstance(budget, Budget):
         budget = parse_budget(budget)
     check_chunk_size(chunk_size)
+    asked = [questions] if isinstance(questions, str) else list(questions or [])
+    scoring = resolve_scoring(scoring, bool(asked))
     if isinstance(method, Method):
         if method_options:
             raise KvcliError(
@@ -84,9 +118,12 @@ def prefill(
         ids = ids[:, :keep]
     if ids.shape[1] == 0:
         raise KvcliError("document is empty after tokenization")
-    engine = Engine(lm.model, meth, budget, chunk_size=chunk_size, backend=backend)
-    probe = None
-    if question is not None and not raw:
-        probe = torch.tensor([tok.encode(template.question(question), add_special_tokens=False)], dtype=torch.long)
-    engine.prefill(ids, probe_ids=probe, on_chunk=on_progress)
+    plan = make_scoring(scoring, template, tok, asked)
+    engine = Engine(lm.model, meth, budget, chunk_size=chunk_size, backend=backend, scoring=plan)
+    if not bool(torch.isfinite(engine.prefill(ids, on_chunk=on_progress)).all()):  # never an empty answer
+        raise KvcliError(
+            f"dtype {str(lm.dtype).removeprefix('torch.')}: the model's outputs overflowed (inf/NaN) at this dtype; "
+            "use float32 or bfloat16",
+            option="dtype",
+        )
     return Context(lm=lm, engine=engine, template=template, context_tokens=ids.shape[1], truncated=truncated)

@@ -16,6 +16,7 @@ class PrefillReport:
     method: str
     method_options: dict
     budget: str
+    scoring: str | None  # where scored methods' statistics came from (None: the method scores nothing)
     context_tokens: int
     truncated_tokens: int
     kv_bytes: int  # what the cache tensors hold after prefill
@@ -26,9 +27,12 @@ class PrefillReport:
     kv_bytes_all_layers: list[int]
     kept_tokens: list[int]  # per compressed layer
     peak_rss_bytes: int
+    peak_prefill_kv_bytes: int  # largest cache at a chunk boundary, before compression
+    peak_scoring_kv_bytes: int  # largest cache during a scoring pass (0: none ran); transient
     prefill_seconds: float
     prefill_tokens_per_second: float
     compress_seconds: float
+    scoring_seconds: float  # scoring passes after chunks (reconstruction, questions), part of prefill_seconds
     decode_seconds: float
     chunk_size: int
 

@@ -7,7 +7,7 @@ command line's flags) override a preset's values.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 
@@ -19,7 +19,8 @@ from ..core.errors import KvcliError
 from ..core.fileio import read_text_file
 from ..methods import make_method, method_names, normalize_options, split_options
 
-KEYS = {"description", "method", "budget", "chunk_size", "options"}
+KEYS = {"description", "method", "budget", "allocation", "scoring", "chunk_size", "options"}
+SCORING_NAMES = ("auto", *defaults.SCORINGS)
 
 
 @dataclass
@@ -28,6 +29,7 @@ class Settings:
     budget: Budget = field(default_factory=lambda: parse_budget(defaults.BUDGET))
     chunk_size: int = defaults.CHUNK_SIZE
     options: dict = field(default_factory=dict)
+    scoring: str = defaults.SCORING  # see kvcli.engine.scoring; auto is resolved at prefill
     preset: str | None = None
     description: str = ""
 
@@ -68,6 +70,16 @@ def load_preset(ref: str) -> Settings:
             s.budget = parse_budget(data["budget"])
         except KvcliError as exc:
             raise KvcliError(f"preset {path}: key 'budget': {exc}") from None
+    if "allocation" in data:
+        try:
+            s.budget = replace(s.budget, allocation=data["allocation"])
+        except KvcliError as exc:
+            raise KvcliError(f"preset {path}: key 'allocation': {exc}") from None
+    if "scoring" in data:
+        try:
+            s.scoring = check_scoring(data["scoring"])
+        except KvcliError as exc:
+            raise KvcliError(f"preset {path}: key 'scoring': {exc}") from None
     if "chunk_size" in data:
         c = data["chunk_size"]
         if not isinstance(c, int) or isinstance(c, bool) or c < 1:
@@ -90,6 +102,8 @@ def resolve_settings(
     budget: str | float | Budget | None = None,
     chunk_size: int | None = None,
     options: dict | None = None,
+    scoring: str | None = None,
+    allocation: str | None = None,
 ) -> Settings:
     """Preset values first, then explicit settings on top; validated before any model loads.
 
@@ -101,14 +115,27 @@ def resolve_settings(
             make_method(method)  # the one-line "unknown method" error
         s.method = method
         s.options = {}  # a preset's options belong to its own method
-    if budget is not None:
-        s.budget = budget if isinstance(budget, Budget) else parse_budget(budget)
+    if budget is not None:  # a preset's allocation survives a budget given as a number
+        parsed = budget if isinstance(budget, Budget) else parse_budget(budget)
+        if not isinstance(budget, Budget) and ":" not in str(budget):
+            parsed = replace(parsed, allocation=s.budget.allocation)
+        s.budget = parsed
+    if allocation is not None:
+        s.budget = replace(s.budget, allocation=allocation)
+    if scoring is not None:
+        s.scoring = check_scoring(scoring)
     if chunk_size is not None:
         check_chunk_size(chunk_size)
         s.chunk_size = chunk_size
     s.options.update(normalize_options(s.method, split_options(options or {}, [s.method])[s.method]))
     make_method(s.method, **s.options)  # a bad option: a clear error now
     return s
+
+
+def check_scoring(name: object) -> str:
+    if name not in SCORING_NAMES:
+        raise KvcliError(f"scoring {name!r} is unknown: use one of {', '.join(SCORING_NAMES)}", option="scoring")
+    return str(name)
 
 
 # ---- listing ----------------------------------------------------------------------------------------

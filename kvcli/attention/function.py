@@ -12,8 +12,9 @@ mask registry, which makes it skip mask construction entirely.
 Which function computes the attention is the run's backend (``backends``: the torch
 reference ``reference.attend``, kvcli's Triton kernels, or flash-attn where it is exact).
 
-Statistics are collected on a bounded observation window (the last ``obs_window`` queries
-of each forward), so no method needs eager attention or memory quadratic in the document.
+Statistics are recorded by the forward's collector (``stats``: an observation window, a
+question, or a reconstruction pass), always on a bounded set of queries, so no method needs
+eager attention or memory quadratic in the document.
 """
 
 from __future__ import annotations
@@ -25,9 +26,9 @@ import torch
 from transformers import AttentionInterface
 
 from ..cache import GrowingLayer, KVCache, SharedKeyLayer
-from ..core import defaults
 from .backends import get_backend, triton_pod_attend
-from .reference import attend, received_attention
+from .reference import attend
+from .stats import Collector
 
 ATTN_NAME = "kvcli"
 
@@ -38,10 +39,9 @@ class RunState:
 
     cache: KVCache
     count_bias: bool = False  # add log(count) to merged entries' logits
-    collect_stats: bool = False  # record attention received (methods that score entries)
-    obs_window: int = defaults.OBS_WINDOW
     backend: str = "sdpa"
-    probe_len: int = 0  # trailing query tokens that form the observation window instead (query-aware)
+    # What the current forward records for scored methods (None: nothing); set by the engine.
+    collector: Collector | None = None
     extra: dict = field(default_factory=dict)
     # Called as ``observer(layer_idx, query, q_pos, scaling)`` after every layer's attention
     # (post-RoPE queries of the current forward; ``kvcli calibrate`` keeps a few of them).
@@ -75,21 +75,21 @@ def kvcli_attention(
     if split:
         parts = layer.key_parts()
 
-    if split and not state.probe_len:
+    collector = state.collector
+    observe_only = collector is not None and collector.observe_only
+    if split and not observe_only:
         out = _pod_member_attention(layer, parts, query, value, q_pos, k_pos, bias, scaling, window)
     else:
         if split:
             key = torch.cat(parts, dim=2)
-        if state.probe_len:
-            # Query-aware scoring: the trailing probe tokens (the user's question) only observe.
+        if observe_only:
+            # Query-aware scoring: the probe tokens (the user's question) only observe.
             out = attend(query, key, value, q_pos, k_pos, bias, scaling, window)
         else:
             out = get_backend(state.backend)(query, key, value, q_pos, k_pos, bias, scaling, window)
 
-    if state.collect_stats and isinstance(layer, GrowingLayer) and layer.track_scores:
-        w = state.probe_len or min(state.obs_window, query.shape[2])
-        received = received_attention(query[:, :, -w:], parts if split else key, q_pos[-w:], k_pos, bias, scaling)
-        layer.add_scores(received)
+    if collector is not None and isinstance(layer, GrowingLayer) and layer.track_scores:
+        collector(layer, query, parts if split else key, q_pos, k_pos, bias, scaling)
     if state.observer is not None:
         state.observer(module.layer_idx, query, q_pos, scaling)
     return out.transpose(1, 2).contiguous(), None

@@ -178,16 +178,35 @@ class GrowingLayer(CacheLayerMixin):
             raise RuntimeError(f"layer {self.layer_idx} holds no {name}")
         return t
 
-    def add_scores(self, received: torch.Tensor) -> None:
-        """Record attention received by each entry from the observation window ``[B, H, length]``."""
+    def _stat(self, name: str, device: torch.device) -> torch.Tensor:
+        """Statistic ``name`` covering every entry (created as zeros, or grown, on first need)."""
+        t = getattr(self, name)
+        if t is None or t.shape[2] < self.length:
+            grown = torch.zeros(self._meta_shape(self.length), dtype=torch.float32, device=device)
+            if t is not None:
+                grown[:, :, : t.shape[2]] = t
+            setattr(self, name, grown)
+            t = grown
+        return t
+
+    def add_scores(self, received: torch.Tensor, obs_max: bool = False) -> None:
+        """Record attention received by each entry from an observation window or a question
+        ``[B, H, n]`` (the first ``n`` entries): summed into ``scores``; ``obs`` holds the
+        latest one (``obs_max``: the larger of it and what ``obs`` holds, for a further question)."""
         n = received.shape[-1]
         received = received.to(torch.float32)
-        if self.scores is None:
-            self.scores = torch.zeros(self._meta_shape(self.length), dtype=torch.float32, device=received.device)
-        self.scores[:, :, :n] += received
-        if self.obs is None or self.obs.shape[2] < self.length:
-            self.obs = torch.zeros(self._meta_shape(self.length), dtype=torch.float32, device=received.device)
-        self.obs[:, :, :n] = received
+        self._stat("scores", received.device)[:, :, :n] += received
+        obs = self._stat("obs", received.device)
+        obs[:, :, :n] = torch.maximum(obs[:, :, :n], received) if obs_max else received
+
+    def raise_scores(self, importance: torch.Tensor, start: int) -> None:
+        """Max-accumulate importance ``[B, H, n]`` (reconstruction scores) into entries
+        ``start .. start + n``; ``scores`` and ``obs`` both hold it, so every scored method reads it."""
+        n = importance.shape[-1]
+        importance = importance.to(torch.float32)
+        for name in ("scores", "obs"):
+            t = self._stat(name, importance.device)[:, :, start : start + n]
+            t.copy_(torch.maximum(t, importance))
 
     # ---- what methods write -------------------------------------------------------------
     def gather(self, idx: torch.Tensor) -> None:
@@ -229,7 +248,10 @@ class GrowingLayer(CacheLayerMixin):
     def rollback(self, state: dict) -> None:
         # Only appends happen after a checkpoint (no compression while answering), so the
         # entries before ``length`` are untouched; scores of the context are restored too.
+        # The room the rolled-back tokens took is given back (a scoring pass or an answer
+        # must not leave the cache physically larger than its entries).
         self.length = state["length"]
+        self.compact()
 
 
 class SharedKeyLayer(GrowingLayer):
@@ -331,8 +353,11 @@ class SharedKeyLayer(GrowingLayer):
     def rollback(self, state: dict) -> None:
         self.length = state["length"]
         if self.is_initialized:
-            self.head_keys = self.head_keys[:, :, : state["n_head"]]
-            self.tail_keys = self.tail_keys[:, :, : state["n_tail"]]
+            if self.head_keys.shape[2] != state["n_head"]:
+                self.head_keys = self.head_keys[:, :, : state["n_head"]].clone()
+            if self.tail_keys.shape[2] != state["n_tail"]:
+                self.tail_keys = self.tail_keys[:, :, : state["n_tail"]].clone()
+            self.compact()
 
 
 class WindowLayer(CacheLayerMixin):

@@ -26,7 +26,7 @@ from rich.markup import escape
 
 from .. import __version__
 from ..core.errors import KvcliError
-from . import ask, calibrate, config, methods, presets, profile, summarize
+from . import ask, cache, calibrate, config, methods, models, presets, profile, summarize
 from . import eval as eval_cmd
 from .options import err, error_line
 from .quiet import quiet_libraries
@@ -81,6 +81,8 @@ app.command("profile")(profile.profile)
 app.command("eval")(eval_cmd.eval_command)
 app.command("calibrate")(calibrate.calibrate)
 app.command("config")(config.config_command)
+app.command("models")(models.models)
+app.command("cache")(cache.cache)
 
 
 # ---- exit status ----------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from . import checks
 from .common import prefill_document
 from .config import run_settings
 from .options import (
+    AllocationOpt,
     AttnOpt,
     BudgetOpt,
     ChunkOpt,
@@ -25,6 +26,7 @@ from .options import (
     OptionOpt,
     PresetOpt,
     QuietOpt,
+    ScoringOpt,
     SeedOpt,
     TempOpt,
     TopPOpt,
@@ -38,8 +40,8 @@ QueryAwareOpt = Annotated[
     bool,
     typer.Option(
         "--query-aware/--no-query-aware",
-        help="With a single question, let the method score context entries by the attention the question pays them "
-        "(default: off; see README).",
+        help="Same as --scoring question: the questions score the context entries (the default, auto, "
+        "already does when it measured best).",
     ),
 ]
 
@@ -52,6 +54,8 @@ def ask(
     budget: BudgetOpt = None,
     preset: PresetOpt = None,
     option: OptionOpt = None,
+    scoring: ScoringOpt = None,
+    allocation: AllocationOpt = None,
     query_aware: QueryAwareOpt = False,
     chunk_size: ChunkOpt = None,
     max_new_tokens: MaxNewOpt = None,
@@ -68,10 +72,18 @@ def ask(
     """Answer questions about a document."""
     checks.generation(max_new_tokens, temperature, top_p)
     checks.run_options(device, dtype, attn)
-    if query_aware and len(questions) != 1:
-        raise KvcliError("--query-aware needs exactly one question (the question must be known before prefill)")
+    if query_aware:
+        if scoring not in (None, "question"):
+            raise KvcliError(f"--query-aware means --scoring question; it contradicts --scoring {scoring}")
+        scoring = "question"
     settings = run_settings(
-        preset=preset, method=method, budget=budget, chunk_size=chunk_size, options=parse_options(option)
+        preset=preset,
+        method=method,
+        budget=budget,
+        chunk_size=chunk_size,
+        options=parse_options(option),
+        scoring=scoring,
+        allocation=allocation,
     )
     with RunStatus(not (quiet or as_json)) as status:
         ctx = prefill_document(
@@ -83,7 +95,7 @@ def ask(
             attn=attn,
             truncate=truncate,
             quiet=quiet or as_json,
-            question=questions[0] if query_aware else None,
+            questions=questions,  # known before prefill, and the context serves them only
             status=status,
         )
         from ..api import Sampler

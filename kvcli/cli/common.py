@@ -40,7 +40,7 @@ def prefill_document(
     attn: str,
     truncate: bool,
     quiet: bool,
-    question: str | None = None,
+    questions: list[str] | None = None,
     status: RunStatus | None = None,
 ) -> Context:
     """Open ``document`` (before any model library loads: a bad document fails fast), load
@@ -49,7 +49,7 @@ def prefill_document(
     with contextlib.ExitStack() as stack:
         if status is None:
             status = stack.enter_context(RunStatus(not quiet))
-        return _prefill(doc, settings, model, device, dtype, attn, truncate, quiet, question, status)
+        return _prefill(doc, settings, model, device, dtype, attn, truncate, quiet, questions, status)
 
 
 def _prefill(
@@ -61,7 +61,7 @@ def _prefill(
     attn: str,
     truncate: bool,
     quiet: bool,
-    question: str | None,
+    questions: list[str] | None,
     status: RunStatus,
 ) -> Context:
     if settings.method == "pod" and not settings.budget.is_full and not quiet:
@@ -82,7 +82,8 @@ def _prefill(
         truncate=truncate,
         method_options=settings.options,
         backend=backend,
-        question=question,
+        questions=questions,
+        scoring=settings.scoring,
     )
     status.start_prefill()
     try:
@@ -100,5 +101,5 @@ def _prefill(
             f"--budget {settings.budget.tokens} keeps every token of this {ctx.context_tokens}-token document "
             "(nothing is compressed); a ratio such as --budget 0.5 scales with the document"
         )
-    status.stage("reading the question" if question else "starting the answer")
+    status.stage("reading the question" if questions else "starting the answer")
     return ctx

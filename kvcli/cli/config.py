@@ -258,16 +258,24 @@ def config_command(
 
 
 def run_settings(
-    *, preset: str | None, method: str | None, budget: str | None, chunk_size: int | None, options: dict
+    *,
+    preset: str | None,
+    method: str | None,
+    budget: str | None,
+    chunk_size: int | None,
+    options: dict,
+    scoring: str | None = None,
+    allocation: str | None = None,
 ) -> Settings:
-    """A run's method, budget, chunk size and options: flags over the environment over the
-    config file (``Defaults.layered``), checked as the command line allows them."""
+    """A run's method, budget, chunk size, scoring and options: flags over the environment
+    over the config file (``Defaults.layered``), checked as the command line allows them.
+    ``allocation`` is a flag only (or a preset's)."""
     from ..api.settings import resolve_settings
 
     if chunk_size is not None:
         checks.chunk_size("--chunk-size", chunk_size)
-    given = load_defaults().layered(preset=preset, method=method, budget=budget, chunk_size=chunk_size)
-    settings = resolve_settings(**given, options=options)
+    given = load_defaults().layered(preset=preset, method=method, budget=budget, chunk_size=chunk_size, scoring=scoring)
+    settings = resolve_settings(**given, options=options, allocation=allocation)
     try:
         checks.chunk_size("chunk_size", settings.chunk_size)
     except KvcliError as exc:

@@ -21,6 +21,7 @@ from ..core import defaults
 from ..core.errors import KvcliError
 from . import checks
 from .common import load_model
+from .eta import Eta, minutes_text, work_text
 from .options import (
     AttnOpt,
     ChunkOpt,
@@ -118,43 +119,64 @@ def eval_command(
         str | None,
         typer.Option(
             "--methods",
-            help="Comma-separated methods (default: all; see `kvcli methods`). The full cache always runs as the "
-            "reference.",
+            help=f"Comma-separated methods (default: {', '.join(defaults.HEADLINE_METHODS)}; --full: all; see "
+            "`kvcli methods`). The full cache always runs as the reference.",
         ),
     ] = None,
     budgets: Annotated[
         str, typer.Option("--budgets", help="Comma-separated budgets: ratios in (0, 1] or token counts.")
     ] = defaults.EVAL_BUDGETS,
     tasks: Annotated[
-        str | None, typer.Option("--tasks", help=f"Comma-separated task kinds: {KINDS_HELP} (default: all).")
+        str | None,
+        typer.Option(
+            "--tasks", help=f"Comma-separated task kinds: {KINDS_HELP} (default: {defaults.EVAL_TASKS}; --full: all)."
+        ),
     ] = None,
     lengths: Annotated[
         str | None,
         typer.Option(
             "--lengths",
-            help=f"Comma-separated context lengths in tokens, e.g. 2K,4K,8K (default {defaults.EVAL_LENGTHS}).",
+            help=f"Comma-separated context lengths in tokens, e.g. 2K,4K,8K (default {defaults.EVAL_LENGTHS}; "
+            f"--full: {defaults.EVAL_FULL_LENGTHS}).",
         ),
     ] = None,
     samples: Annotated[
         int | None,
         typer.Option(
             "--samples",
-            help=f"Tasks per kind and length (default {defaults.EVAL_SAMPLES}); niah_single cycles through --depths.",
+            help=f"Tasks per kind and length (default {defaults.EVAL_SAMPLES}; --full: {defaults.EVAL_FULL_SAMPLES}); "
+            "niah_single cycles through --depths.",
         ),
     ] = None,
     depths: Annotated[
         str | None,
         typer.Option(
-            "--depths", help=f"Needle depths for niah_single (default {','.join(map(str, defaults.EVAL_DEPTHS))})."
+            "--depths",
+            help=f"Needle depths for niah_single (default {','.join(map(str, defaults.EVAL_DEPTHS))}; --full: "
+            f"{','.join(map(str, defaults.EVAL_FULL_DEPTHS))}).",
         ),
     ] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the synthetic tasks (same seed, same tasks).")] = 0,
-    query_aware: Annotated[
+    full: Annotated[
         bool,
         typer.Option(
-            "--query-aware/--no-query-aware",
-            help="Give each question to prefill, for query-aware scoring (one prefill per question).",
+            "--full",
+            help="The big grid: every method, every task kind, the --full lengths, samples and depths (hours on a "
+            "CPU; the plan printed first says how long). Explicit options win.",
         ),
+    ] = False,
+    scoring: Annotated[
+        str | None,
+        typer.Option(
+            "--scoring",
+            help="Comma-separated scorings, each its own run of every scored method: auto (= recon here: an "
+            "evaluated context is asked after prefill), recon, window, question, recon+question (question "
+            "scorings prefill once per question).",
+        ),
+    ] = None,
+    query_aware: Annotated[
+        bool,
+        typer.Option("--query-aware/--no-query-aware", help="Same as --scoring question."),
     ] = False,
     chunk_size: ChunkOpt = None,
     option: OptionOpt = None,
@@ -168,7 +190,10 @@ def eval_command(
     ] = defaults.EVAL_OUT,
     plot: Annotated[
         str | None,
-        typer.Option("--plot", help="Directory for plots: needle depth x length heatmaps and score against budget."),
+        typer.Option(
+            "--plot",
+            help="Directory for plots: the needle depth x length heatmap grid, score and logprob delta against budget.",
+        ),
     ] = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -182,7 +207,7 @@ def eval_command(
     checks.run_options(device, dtype, attn)
     if chunk_size is not None:
         checks.chunk_size("--chunk-size", chunk_size)
-    names = parse_methods(methods, method_names())
+    names = parse_methods(methods, method_names() if full else list(defaults.HEADLINE_METHODS))
     for b in parse_list(budgets, "--budgets"):
         parse_budget(b)
     scored = [m for m in names if m != "full"]
@@ -211,7 +236,7 @@ def eval_command(
         methods=names,
         budgets=parse_list(budgets, "--budgets"),
         chunk_size=defaults.CHUNK_SIZE if chunk_size is None else chunk_size,
-        query_aware=query_aware,
+        scorings=_scorings(scoring, query_aware),
         method_options=parse_options(option),
         truncate=truncate,
     )
@@ -221,11 +246,11 @@ def eval_command(
     suite = None
     if document is None:
         suite = runner.SyntheticTasks(
-            kinds=parse_kinds(tasks),
-            lengths=parse_lengths(lengths or defaults.EVAL_LENGTHS),
-            samples=defaults.EVAL_SAMPLES if samples is None else samples,
+            kinds=parse_kinds(tasks if tasks is not None else ("all" if full else defaults.EVAL_TASKS)),
+            lengths=parse_lengths(lengths or (defaults.EVAL_FULL_LENGTHS if full else defaults.EVAL_LENGTHS)),
+            samples=samples if samples is not None else (defaults.EVAL_FULL_SAMPLES if full else defaults.EVAL_SAMPLES),
             seed=seed,
-            depths=parse_depths(depths) or list(defaults.EVAL_DEPTHS),
+            depths=parse_depths(depths) or list(defaults.EVAL_FULL_DEPTHS if full else defaults.EVAL_DEPTHS),
         )
         suite.check()
         config = suite.config()
@@ -244,18 +269,30 @@ def eval_command(
     else:
         items = runner.question_items(doc.text, qs, lm.tokenizer)
 
-    bar = progress(not (quiet or as_json), unit="prefills", eta=True)
+    planned = None if quiet else _plan(lm, items, settings)
+    bar = progress(not (quiet or as_json), unit="prefills")
     t0 = time.perf_counter()
-    if bar is None:
+    if bar is None or planned is None:
         result = runner.run_eval(lm, items, settings, config=config)
     else:
         with bar:
             task = bar.add_task("eval", total=None, info="")
+            clock, steps = planned
+            tokens, label, kind = [0], [""], ["prefill"]  # this prefill's tokens so far, label, kind of work
 
-            def on_step(done: int, total: int, label: str) -> None:
-                bar.update(task, completed=done, total=total, info=label)
+            def on_step(done: int, total: int, text: str) -> None:
+                if done:
+                    clock.record("answers", 1)  # the previous prefill's questions, answered
+                tokens[0], label[0] = 0, text
+                kind[0] = "scored" if done < len(steps) and steps[done][1] else "prefill"
+                bar.update(task, completed=done, total=total, info=f"{text}  {clock.text()}")
 
-            result = runner.run_eval(lm, items, settings, on_step=on_step, config=config)
+            def on_chunk(done: int, total: int) -> None:
+                clock.record(kind[0], done - tokens[0])
+                tokens[0] = done
+                bar.update(task, info=f"{label[0]} {done:,}/{total:,} tokens  {clock.text()}")
+
+            result = runner.run_eval(lm, items, settings, on_step=on_step, config=config, on_chunk=on_chunk)
     result.config["seconds"] = round(time.perf_counter() - t0, 1)
     command = "kvcli " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     result.config["command"] = command
@@ -275,3 +312,50 @@ def eval_command(
             highlight=False,
             soft_wrap=True,
         )
+
+
+def _plan(lm, items, settings) -> tuple[Eta, list[tuple[int, bool]]]:
+    """Print the planned work, priced at the speed measured here and now (a chunk with the full
+    cache, one with a scored method, a few decode steps: seconds); the clock that keeps the
+    ETA from then on, and the prefills in run order (tokens, scored)."""
+    from ..eval.runner import plan_eval
+    from ..eval.speed import measure_speed
+
+    plan = plan_eval(items, settings, lm.tokenizer, lm.answer_tokens)
+    method, scoring = plan.scored or (None, defaults.SCORING)
+    if "question" in scoring:  # no question to give a calibration chunk: time the window scoring
+        scoring = "window"
+    speed = measure_speed(lm, items[0].context, settings.chunk_size, scored=method, scoring=scoring)
+    scored = sum(n for n, s in plan.steps if s)
+    eta = Eta(
+        {"prefill": plan.tokens - scored, "scored": scored, "answers": plan.prefills},
+        prior={
+            "prefill": speed.prefill,
+            "scored": speed.scored or speed.prefill,
+            "answers": plan.decode_tokens * speed.decode / max(1, plan.prefills),
+        },
+    )
+    rates = f"{1 / speed.prefill:,.0f} tok/s prefill" + (
+        f" ({1 / speed.scored:,.0f} with {method}'s {scoring} scoring)" if speed.scored else ""
+    )
+    err.print(
+        f"Plan: {work_text(plan.prefills, plan.lengths)} ({plan.tokens:,} tokens: {plan.contexts} "
+        f"context{'s' if plan.contexts != 1 else ''} x {len(plan.runs)} runs: {', '.join(plan.runs)}), "
+        f"{plan.answers:,} answers; {minutes_text(eta.planned_seconds() or 0)} at the speed measured now "
+        f"({rates}, {1 / speed.decode:,.1f} tok/s decode)",
+        highlight=False,
+        soft_wrap=True,
+    )
+    return eta, plan.steps
+
+
+def _scorings(value: str | None, query_aware: bool) -> list[str]:
+    """``--scoring`` as a list (``--query-aware`` adds ``question``), checked before any model loads."""
+    from ..api import resolve_scoring
+
+    names = parse_list(value, "--scoring") if value else ([] if query_aware else [defaults.SCORING])
+    if query_aware and "question" not in names:
+        names.append("question")
+    for name in names:
+        resolve_scoring(name, has_questions=True)
+    return names

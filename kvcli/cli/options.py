@@ -33,7 +33,8 @@ ModelOpt = Annotated[
     str,
     typer.Option(
         "--model",
-        help="'embedded' (Gemma 3 270M from PyPI), a local HF model directory, or a hub id in the local HF cache.",
+        help="'embedded' (Gemma 3 270M) or 'smollm2' (SmolLM2 135M Instruct), both from PyPI (see `kvcli models`), "
+        "a local HF model directory, or a hub id in the local HF cache.",
     ),
 ]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto|cpu|cuda (auto picks CUDA when present).")]
@@ -69,6 +70,22 @@ TruncOpt = Annotated[
     typer.Option(
         "--truncate",
         help="If the document exceeds the model's positions, keep its first tokens (says how many were dropped).",
+    ),
+]
+ScoringOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--scoring",
+        help="Where scored methods get their statistics: auto (default: the questions when they are known "
+        "before prefill, else reconstruction), recon, question, recon+question, window.",
+    ),
+]
+AllocationOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--allocation",
+        help="How the growing layers share the budget: uniform (each layer the same) or global (entries of all "
+        "layers ranked together, as KVzip does).",
     ),
 ]
 AttnOpt = Annotated[str, typer.Option("--attn", help="Attention backend: auto|sdpa|flash|triton.")]

@@ -226,33 +226,38 @@ class ProfileProgress(ProgressView):
     line whose ETA is computed from the work done (``Eta``): process starts, prefill tokens,
     decoded tokens, each at the speed measured so far."""
 
-    def __init__(self, enabled: bool, eta: Eta, decode_tokens: int) -> None:
+    def __init__(self, enabled: bool, eta: Eta, decode_tokens: int, scored: Sequence[str] = ()) -> None:
         super().__init__(enabled)
         self.t0: dict[str, float] = {}
         self.eta = eta
         self.decode_tokens = decode_tokens
+        self.scored = set(scored)  # methods whose prefill includes scoring passes
         self.tokens = 0
         self.finished = 0
         self.overall = None if self.bar is None else self.bar.add_task("overall", total=eta.totals["start"], info="")
 
     def _overall(self) -> None:
         if self.bar is not None and self.overall is not None:
-            self.bar.update(self.overall, completed=self.finished, info=self.eta.text())
+            done = self.finished >= self.eta.totals["start"]
+            self.bar.update(self.overall, completed=self.finished, info="done" if done else self.eta.text())
 
     def __call__(self, event: str, method: str, data: Any) -> None:
         if event == "loaded":
             self.eta.record("start", 1)
-            if data is not None:  # the first process timed a chunk and a few decode steps
-                self.eta.prior.update(prefill=data[0], decode=data[1])
+            if data is not None:  # the first process timed chunks and a few decode steps
+                prefill, decode, scored = data
+                self.eta.prior.update(prefill=prefill, decode=decode, scored=scored or prefill)
                 if self.bar is not None:
+                    rates = f"{1 / prefill:,.0f} tok/s prefill" + (
+                        f" ({1 / scored:,.0f} with scoring)" if scored and self.scored else ""
+                    )
                     self.bar.console.print(
                         f"Estimate: {minutes_text(self.eta.planned_seconds() or 0)} at the speed measured now "
-                        f"({self.eta.rate('start'):.1f} s to start, {1 / data[0]:,.0f} tok/s prefill, "
-                        f"{1 / data[1]:,.1f} tok/s decode)",
+                        f"({self.eta.rate('start'):.1f} s to start a process, {rates}, {1 / decode:,.1f} tok/s decode)",
                         highlight=False,
                     )
         elif event == "chunk":
-            self.eta.record("prefill", data[0] - self.tokens)
+            self.eta.record("scored" if method in self.scored else "prefill", data[0] - self.tokens)
             self.tokens = data[0]
         elif event == "done":
             self.eta.record("decode", self.decode_tokens)
@@ -442,7 +447,7 @@ def _measure(spec: ProfileSpec, doc: str | None, tokens: int | None, isolate: bo
     from ..engine.models import load_tokenizer, resolve_device, resolve_dtype
     from ..methods import method_names
     from ..profile.plot import plot_rows
-    from ..profile.profile import profile_text, run_profile
+    from ..profile.profile import profile_text, run_profile, scored_methods
 
     resolve_dtype(spec.dtype, resolve_device(spec.device))
     spec.backend = resolve_backend(spec.backend, spec.device)
@@ -456,7 +461,7 @@ def _measure(spec: ProfileSpec, doc: str | None, tokens: int | None, isolate: bo
     n_tokens = len(tokenizer.encode(spec.document, add_special_tokens=False)) + 1  # and BOS
     what = (
         f"{spec.model} model, {len(spec.methods)} method{'s' if len(spec.methods) != 1 else ''} "
-        f"({', '.join(spec.methods)}), budget {spec.budget}, {n_tokens:,} tokens of {spec.source}"
+        f"({', '.join(spec.methods)}), budget {spec.budget}, {n_tokens:,} tokens of {doc or 'a generated haystack'}"
     )
     if not view.quiet:
         err.print(
@@ -467,9 +472,11 @@ def _measure(spec: ProfileSpec, doc: str | None, tokens: int | None, isolate: bo
             soft_wrap=True,
         )
     spec.calibrate = not view.quiet  # the estimate is for the display only
-    totals = {"start": len(spec.methods), "prefill": n_tokens * len(spec.methods)}
-    totals["decode"] = spec.decode_tokens * len(spec.methods)
-    with ProfileProgress(not view.quiet, Eta(totals), spec.decode_tokens) as on_event:
+    scored = scored_methods(spec)
+    n = len(spec.methods)
+    totals = {"start": n, "prefill": n_tokens * (n - len(scored)), "scored": n_tokens * len(scored)}
+    totals["decode"] = spec.decode_tokens * n
+    with ProfileProgress(not view.quiet, Eta(totals), spec.decode_tokens, scored) as on_event:
         result = run_profile(spec, lm=lm, isolate=isolate, on_event=on_event)
     rows = result.rows
     if view.as_json:

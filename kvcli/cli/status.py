@@ -73,6 +73,9 @@ class RunStatus:
         rate = done / max(time.perf_counter() - self.t0, 1e-9)
         eta = f", eta {_clock((total - done) / rate)}" if rate > 0 and total > done else ""
         self.stage("prefill", f"{done:,}/{total:,} tokens, {rate:,.0f} tok/s{eta}", done, total)
+        if done >= total and self.progress is not None and not err.is_terminal:
+            # Not a terminal (a log, a pipe): the live line is not drawn, so say once what was done.
+            err.print(f"prefill {total:,} tokens in {_clock(time.perf_counter() - self.t0)} ({rate:,.0f} tok/s)")
 
     def first(self, write: Callable[[str], Any]) -> Callable[[str], Any]:
         """``write``, stopping the status before the first thing it writes."""

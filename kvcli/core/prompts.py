@@ -14,6 +14,10 @@ from dataclasses import dataclass, field
 _SENTINEL = "\u2063KVCLI_DOCUMENT\u2063"
 
 SUMMARY_INSTRUCTION = "Summarize the document above in a few sentences."
+# KVzip's reconstruction prompts (Kim et al. 2025): the first chunk, and a later chunk, which
+# is introduced by the last few tokens before it.
+RECON_FIRST = "Repeat the previous context exactly."
+RECON_NEXT = "Repeat the part of the previous context exactly, starting with"
 
 
 @dataclass
@@ -33,6 +37,13 @@ class Template:
     def question(self, question: str, answer_prefix: str = "") -> str:
         text = self.question_format.format(question=question.strip())
         return text + (" " + answer_prefix.strip() if answer_prefix else "")
+
+    def reconstruction(self) -> tuple[str, str, str]:
+        """The repeat prompt asked like a question: ``(first, next_head, next_tail)``: the text
+        before the first chunk; for a later chunk, the text before the overlap tokens (the end of
+        the previous chunk) and the text between them and the chunk."""
+        before, after = self.question_format.split("{question}", 1)
+        return before + RECON_FIRST + after, before + RECON_NEXT, after
 
 
 COMPLETION = Template(

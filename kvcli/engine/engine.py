@@ -16,11 +16,14 @@ import torch
 
 from ..attention import RunState
 from ..attention.backends import active_backend, resolve_backend, uses_pod_kernel
+from ..attention.stats import Collector, WindowStats
 from ..cache import CacheReport, KVCache, SharedKeyLayer
 from ..core import defaults
 from ..core.budget import FULL, Budget, check_chunk_size
+from ..core.errors import KvcliError
 from ..methods.base import Method
 from .sampler import Sampler
+from .scoring import Scoring
 
 
 @dataclass
@@ -28,8 +31,10 @@ class PrefillStats:
     tokens: int = 0
     seconds: float = 0.0
     compress_seconds: float = 0.0
+    scoring_seconds: float = 0.0  # scoring passes (reconstruction, questions) after chunks
     chunks: int = 0
     max_cache_bytes: int = 0  # largest physical cache seen at a chunk boundary (before compression)
+    max_scoring_cache_bytes: int = 0  # largest cache during a scoring pass (its tokens included)
     trace: list[dict] = field(default_factory=list)  # per chunk: tokens, kv_bytes (for plots)
     report: CacheReport | None = None  # taken right after prefill (before any question)
 
@@ -51,28 +56,31 @@ class Engine:
         chunk_size: int = defaults.CHUNK_SIZE,
         obs_window: int = defaults.OBS_WINDOW,
         backend: str = "auto",
+        scoring: Scoring | None = None,
     ) -> None:
         check_chunk_size(chunk_size)
         self.model = model
         self.method = method
         if not method.uses_budget:  # structural saving only (plain PoD): no token budget applies
             budget = FULL
+        if budget.allocation == "global" and not budget.is_full and not method.ranks_entries:
+            raise KvcliError(
+                f"allocation global ranks entries across layers: {method.label} does not rank entries "
+                "(use h2o, snapkv, cam or kvmerger, or allocation uniform)",
+                option="allocation",
+            )
         self.budget = budget
         self.chunk_size = chunk_size
         self.device = next(model.parameters()).device
         backend = resolve_backend(backend, self.device.type)  # auto -> this device's backend; errors if it cannot run
         self.cache = KVCache(model.config)
         self.cache_keyword = cache_keyword(model)
-        track = method.needs_scores and not budget.is_full
+        self.scoring = scoring or Scoring()
+        self.obs_window = obs_window
+        self.track = method.needs_scores and not budget.is_full  # statistics are recorded only if read
         for layer in self.cache.growing_layers:
-            layer.track_scores = track
-        self.state = RunState(
-            cache=self.cache,
-            count_bias=method.count_bias,
-            collect_stats=track,
-            obs_window=obs_window,
-            backend=backend,
-        )
+            layer.track_scores = self.track
+        self.state = RunState(cache=self.cache, count_bias=method.count_bias, backend=backend)
         self.last_logits: torch.Tensor | None = None
         self.stats = PrefillStats()
         method.attach(self.cache, self.state)
@@ -82,15 +90,14 @@ class Engine:
 
     # ---- forwards ------------------------------------------------------------------------
     @torch.inference_mode()
-    def forward(self, ids: torch.Tensor, collect: bool | None = None) -> torch.Tensor:
-        """Forward ``ids`` (``[1, n]``) at the next logical positions; returns last logits."""
+    def forward(self, ids: torch.Tensor, collector: Collector | None = None) -> torch.Tensor:
+        """Forward ``ids`` (``[1, n]``) at the next logical positions; returns last logits.
+        ``collector`` records attention statistics for scored methods (none by default)."""
         n = ids.shape[-1]
         start = self.cache.seen
         pos = torch.arange(start, start + n, device=self.device)
         self.cache.begin_forward(pos)
-        saved = self.state.collect_stats
-        if collect is not None:
-            self.state.collect_stats = collect and saved
+        self.state.collector = collector if self.track else None
         try:
             out = self.model(
                 input_ids=ids.to(self.device),
@@ -101,42 +108,40 @@ class Engine:
                 kvcli_state=self.state,
             )
         finally:
-            self.state.collect_stats = saved
+            self.state.collector = None
         self.cache.end_forward(n)
         return out.logits[0, -1]
 
     @torch.inference_mode()
-    def probe(self, probe_ids: torch.Tensor) -> None:
-        """Query-aware scoring: let ``probe_ids`` (the question) observe the context, record
-        the attention it pays each entry, then remove every trace of it from the cache."""
+    def observe(self, ids: torch.Tensor, collector: Collector) -> None:
+        """A scoring pass: forward ``ids`` after the context with ``collector`` recording what
+        they attend to, then remove every trace of them from the cache."""
         mark = self.cache.checkpoint()
-        self.state.probe_len = probe_ids.shape[-1]
         try:
-            self.forward(probe_ids)
+            self.forward(ids, collector)
+            self.stats.max_scoring_cache_bytes = max(self.stats.max_scoring_cache_bytes, self.cache.nbytes())
         finally:
-            self.state.probe_len = 0
             self.cache.rollback(mark)
 
-    def prefill(
-        self,
-        ids: torch.Tensor,
-        probe_ids: torch.Tensor | None = None,
-        on_chunk: Callable[[int, int], None] | None = None,
-    ) -> torch.Tensor:
-        """Stream ``ids`` (``[1, T]``) through the model chunk by chunk, compressing after
-        each chunk so the cache never exceeds the budget plus one chunk."""
+    def prefill(self, ids: torch.Tensor, on_chunk: Callable[[int, int], None] | None = None) -> torch.Tensor:
+        """Stream ``ids`` (``[1, T]``) through the model chunk by chunk, scoring and then
+        compressing after each chunk, so the cache never exceeds the budget plus one chunk
+        (plus, during a scoring pass, that pass's tokens)."""
         total = ids.shape[-1]
         t0 = time.perf_counter()
         done = 0
+        window = WindowStats(self.obs_window) if self.scoring.uses_window else None
         while done < total:
             chunk = ids[:, done : done + self.chunk_size]
-            collect = probe_ids is None
-            self.last_logits = self.forward(chunk, collect=collect)
-            done += chunk.shape[-1]
+            self.last_logits = self.forward(chunk, window)
+            start, done = done, done + chunk.shape[-1]
             self.stats.max_cache_bytes = max(self.stats.max_cache_bytes, self.cache.nbytes())
+            s0 = time.perf_counter()
+            if self.track:
+                for pass_ids, collector in self.scoring.passes(ids, start, done):
+                    self.observe(pass_ids, collector)
             c0 = time.perf_counter()
-            if probe_ids is not None and self.state.collect_stats:
-                self.probe(probe_ids)
+            self.stats.scoring_seconds += c0 - s0
             with active_backend(self.state.backend):  # merging kernels follow the attention backend
                 self.method.compress(self.cache, self.budget)  # no-op while within budget
             self.stats.compress_seconds += time.perf_counter() - c0
@@ -174,4 +179,4 @@ class Engine:
             yield token
             if token in eos_ids or i == max_new_tokens - 1:
                 return
-            logits = self.forward(torch.tensor([[token]], device=self.device), collect=False)
+            logits = self.forward(torch.tensor([[token]], device=self.device))

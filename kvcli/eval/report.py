@@ -32,7 +32,7 @@ def _budget_key(budget: str) -> tuple[float, float]:
 
 def run_labels(rows: Sequence[EvalRow]) -> list[tuple[str, str]]:
     """(method, budget) pairs in table order: full first, then methods as they ran."""
-    seen = list(dict.fromkeys((r.method, r.budget) for r in rows))
+    seen = list(dict.fromkeys((r.run, r.budget) for r in rows))
     full = [s for s in seen if s[0] == FULL]
     return full + [s for s in seen if s[0] != FULL]
 
@@ -46,7 +46,7 @@ def summarize(rows: Sequence[EvalRow]) -> list[RunSummary]:
     kinds = kinds_of(rows)
     by_run: dict[tuple[str, str], list[EvalRow]] = defaultdict(list)
     for r in rows:
-        by_run[(r.method, r.budget)].append(r)
+        by_run[(r.run, r.budget)].append(r)
     out = []
     full_overall = None
     for method, budget in run_labels(rows):
@@ -176,81 +176,179 @@ def write_results(
 
 
 # ------------------------------------------------------------------ plots
-def _ratio_budgets(budgets: Sequence[str]) -> bool:
-    return all(float(b) <= 1 for b in budgets)
+#: One look per run, so that runs whose values coincide stay distinguishable.
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "h", "<", ">", "p")
+LINESTYLES = ("-", "--", "-.", ":")
+
+
+def _length_label(n: int) -> str:
+    return f"{n // 1024}K" if n % 1024 == 0 else f"{n:,}"
+
+
+def _is_all(budget: str) -> bool:
+    return float(budget) == 1.0
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    try:
+        fig.savefig(path, dpi=110)
+    finally:
+        plt.close(fig)
+    return path
+
+
+def _heatmap_grid(rows: Sequence[EvalRow], path: Path) -> Path | None:
+    """niah_single scores as ONE figure: a panel per run (rows: methods, columns: budgets),
+    needle depth x context length cells, one 0-100 colour scale."""
+    import matplotlib.pyplot as plt
+
+    needle = [r for r in rows if r.kind == "niah_single" and r.depth is not None]
+    if not needle:
+        return None
+    depths = sorted({round(r.depth, 3) for r in needle if r.depth is not None})
+    lengths = sorted({r.length for r in needle})
+    labels = run_labels(needle)
+    runs = list(dict.fromkeys(run for run, _ in labels))
+    budgets = sorted({b for _, b in labels if not _is_all(b)}, key=_budget_key) or ["1"]
+    # runs that keep every token (full, plain PoD) share the first row(s); then one row per
+    # method, a column per budget; with one budget, the panels simply fill rows of up to four
+    whole = [(run, b) for run, b in labels if all(_is_all(x) for r2, x in labels if r2 == run)]
+    width = len(budgets) if len(budgets) > 1 else min(4, len(labels))
+    flat = whole if len(budgets) > 1 else labels
+    grid_rows: list[list[tuple[str, str] | None]] = [
+        [*flat[k : k + width], *[None] * (width - len(flat[k : k + width]))] for k in range(0, len(flat), width)
+    ]
+    if len(budgets) > 1:
+        for run in runs:
+            if not any(run == w for w, _ in whole):
+                mine = {b for r2, b in labels if r2 == run}
+                grid_rows.append([(run, b) if b in mine else None for b in budgets])
+    cells: dict[tuple[str, str], dict[tuple[int, int], list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in needle:
+        if r.depth is not None:
+            cells[(r.run, r.budget)][(depths.index(round(r.depth, 3)), lengths.index(r.length))].append(r.score)
+    panel_w, panel_h = 0.9 + 0.62 * len(lengths), 0.75 + 0.34 * len(depths)
+    fig, axes = plt.subplots(
+        len(grid_rows),
+        width,
+        figsize=(max(5.5, 1.6 + panel_w * width), 1.1 + panel_h * len(grid_rows)),
+        squeeze=False,
+        layout="constrained",
+    )
+    image = None
+    for i, line in enumerate(grid_rows):
+        for j, ax in enumerate(axes[i]):
+            if line[j] is None:
+                ax.axis("off")
+                continue
+            run, budget = line[j]  # type: ignore[misc]  # (not None: checked above)
+            grid = [[float("nan")] * len(lengths) for _ in depths]
+            for (a, b), scores in cells[(run, budget)].items():
+                grid[a][b] = 100.0 * sum(scores) / len(scores)
+            image = ax.imshow(grid, vmin=0, vmax=100, cmap="RdYlGn", aspect="auto")
+            for a, values in enumerate(grid):
+                for b, v in enumerate(values):
+                    text, colour = ("n/a", "grey") if v != v else (f"{v:.0f}", "white" if v < 20 or v > 80 else "black")
+                    ax.text(b, a, text, ha="center", va="center", fontsize=9, color=colour)
+            ax.set_xticks(range(len(lengths)), [_length_label(n) for n in lengths], fontsize=8)
+            ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths], fontsize=8)
+            ax.set_title(run if _is_all(budget) else f"{run} @ {budget}", fontsize=10)
+            if j == 0:
+                ax.set_ylabel("needle depth", fontsize=9)
+            if i == len(grid_rows) - 1 or (i + 1 < len(grid_rows) and grid_rows[i + 1][j] is None):
+                ax.set_xlabel("context length (tokens)", fontsize=9)
+    if image is not None:
+        fig.colorbar(image, ax=axes, shrink=min(1.0, 3.0 / len(grid_rows)), label="score (%)")
+    fig.suptitle("niah_single: needles retrieved (%)\nby needle depth and context length")
+    return _save(fig, path)
+
+
+def _by_budget(
+    summary: Sequence[RunSummary],
+    value,
+    path: Path,
+    ylabel: str,
+    title: str,
+    full: float | None,
+    full_label: str,
+    bounds: tuple[float, float] | None = None,
+) -> Path | None:
+    """One line per run over the budgets (categories, largest first), each run nudged
+    sideways a little and drawn with its own marker, so equal values do not hide each other;
+    the full cache as a dashed line inside the axes (never on its edge)."""
+    import matplotlib.pyplot as plt
+
+    comp = [s for s in summary if s.method != FULL and value(s) is not None]
+    if not comp:
+        return None
+    order = sorted(dict.fromkeys(s.budget for s in comp), key=_budget_key)
+    runs = list(dict.fromkeys(s.method for s in comp))
+    fig, ax = plt.subplots(figsize=(7.5 + 0.3 * max(0, len(order) - 3), 4.2), layout="constrained")
+    width = 0.5 / max(1, len(runs))
+    ys: list[float] = []
+    for k, run in enumerate(runs):
+        pts = sorted((order.index(s.budget), value(s)) for s in comp if s.method == run)
+        xs = [x + (k - (len(runs) - 1) / 2) * width for x, _ in pts]
+        ax.plot(
+            xs,
+            [y for _, y in pts],
+            marker=MARKERS[k % len(MARKERS)],
+            linestyle=LINESTYLES[k % len(LINESTYLES)],
+            markersize=6,
+            label=run,
+            clip_on=False,
+            zorder=3,
+        )
+        ys += [y for _, y in pts]
+    if full is not None:
+        ax.axhline(full, color="black", linestyle="--", linewidth=1, label=full_label, zorder=2)
+        ys.append(full)
+    lo, hi = bounds if bounds else (min(ys), max(ys))
+    pad = 0.08 * (hi - lo or 1.0)
+    ax.set_ylim(lo - pad, hi + pad)
+    ax.set_xticks(range(len(order)), [f"{b} (every token)" if _is_all(b) else b for b in order])
+    ax.set_xlim(-0.5, len(order) - 0.5)
+    ax.set_xlabel("budget (fraction of the tokens seen kept, or entries)")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.set_title(title)
+    fig.legend(loc="outside right upper", fontsize="small")
+    return _save(fig, path)
 
 
 def write_plots(rows: Sequence[EvalRow], plot_dir: str | Path) -> list[Path]:
-    """``needle_<method@budget>.png``: depth x length heatmap of niah_single scores, one per
-    run; ``score_vs_budget.png``: overall score against budget, one line per method."""
+    """``needle_heatmaps.png``: every run's niah_single scores, depth x length, in one grid;
+    ``score_vs_budget.png``: overall score against budget; ``logprob_delta.png``: the answer
+    log-likelihood against the full cache's, against budget (one line per run in both)."""
     import matplotlib  # optional weight: only plots need it
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     out = prepare_dir(plot_dir, "plot directory")
-    written: list[Path] = []
-    needle = [r for r in rows if r.kind == "niah_single" and r.depth is not None]
-    if needle:
-        depths = sorted({round(r.depth, 3) for r in needle if r.depth is not None})
-        lengths = sorted({r.length for r in needle})
-        for method, budget in run_labels(needle):
-            grid: list[list[float | None]] = [[None] * len(lengths) for _ in depths]
-            cells: dict[tuple[int, int], list[float]] = defaultdict(list)
-            for r in needle:
-                if (r.method, r.budget) == (method, budget) and r.depth is not None:
-                    cells[(depths.index(round(r.depth, 3)), lengths.index(r.length))].append(r.score)
-            for (i, j), v in cells.items():
-                grid[i][j] = sum(v) / len(v)
-            label = FULL if method == FULL else f"{method}@{budget}"
-            fig, ax = plt.subplots(figsize=(max(4.0, 1.6 + 1.1 * len(lengths)), max(3.0, 1.4 + 0.5 * len(depths))))
-            data = [[float("nan") if v is None else v for v in row] for row in grid]
-            im = ax.imshow(data, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
-            ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
-            ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
-            ax.set_xlabel("context length (tokens)")
-            ax.set_ylabel("needle depth")
-            ax.set_title(f"niah_single: {label}")
-            for i, line in enumerate(grid):
-                for j, cell in enumerate(line):
-                    if cell is not None:
-                        ax.text(j, i, f"{100 * cell:.0f}", ha="center", va="center", fontsize=8)
-            fig.colorbar(im, ax=ax, fraction=0.05)
-            fig.tight_layout()
-            path = out / f"needle_{label.replace('@', '_at_').replace('/', '_')}.png"
-            fig.savefig(path, dpi=110)
-            plt.close(fig)
-            written.append(path)
-
     summary = summarize(rows)
-    comp = [s for s in summary if s.method != FULL]
-    if comp:
-        budgets = list(dict.fromkeys(s.budget for s in comp))
-        numeric = _ratio_budgets(budgets)
-        order = sorted(budgets, key=_budget_key) if numeric else budgets
-        fig, ax = plt.subplots(figsize=(6.5, 4))
-        for method in dict.fromkeys(s.method for s in comp):
-            pts = sorted(
-                (float(s.budget) if numeric else order.index(s.budget), s.overall)
-                for s in comp
-                if s.method == method and s.overall is not None
-            )
-            if pts:
-                ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", label=method)
-        full = next((s for s in summary if s.method == FULL), None)
-        if full and full.overall is not None:
-            ax.axhline(100 * full.overall, color="black", linestyle="--", label="full cache")
-        if not numeric:
-            ax.set_xticks(range(len(order)), order)
-        ax.set_xlabel("budget (fraction of tokens kept)" if numeric else "budget")
-        ax.set_ylabel("overall score (%)")
-        ax.set_ylim(0, 105)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        ax.set_title("Score against budget")
-        fig.tight_layout()
-        path = out / "score_vs_budget.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
-    return written
+    full = next((s for s in summary if s.method == FULL), None)
+    written = [
+        _heatmap_grid(rows, out / "needle_heatmaps.png"),
+        _by_budget(
+            summary,
+            lambda s: None if s.overall is None else 100 * s.overall,
+            out / "score_vs_budget.png",
+            "overall score (%)",
+            "Score against budget",
+            None if full is None or full.overall is None else 100 * full.overall,
+            "full cache",
+            bounds=(0.0, 100.0),
+        ),
+        _by_budget(
+            summary,
+            lambda s: s.logprob_delta,
+            out / "logprob_delta.png",
+            "logprob Δ: answer log-likelihood per token\nminus the full cache's (below 0 = less likely)",
+            "Answer likelihood against the full cache",
+            0.0 if full is not None else None,
+            "full cache (0)",
+        ),
+    ]
+    return [p for p in written if p is not None]

@@ -14,6 +14,7 @@ COLUMNS = (
     "sample",
     "method",
     "budget",
+    "scoring",
     "score",
     "logprob",
     "logprob_delta",
@@ -36,6 +37,7 @@ class EvalRow:
     sample: int
     method: str
     budget: str
+    scoring: str | None  # where the method's statistics came from (None: it scores nothing)
     score: float
     logprob: float | None  # mean per-token log-likelihood of the reference answer (None: impossible)
     logprob_delta: float | None  # minus the full cache's
@@ -45,6 +47,11 @@ class EvalRow:
     question: str = ""
     answers: list[str] = field(default_factory=list)
     prediction: str = ""
+
+    @property
+    def run(self) -> str:
+        """The method as reports name the run: ``snapkv/recon`` for a scored method."""
+        return f"{self.method}/{self.scoring}" if self.scoring else self.method
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -1,9 +1,10 @@
-"""Running evaluations: every item through the full cache and every method x budget.
+"""Running evaluations: every item through the full cache and every method x budget x scoring.
 
 One loaded model serves the whole run.  Items that share a context (a user's document
-with several questions) are prefilled once per (method, budget); synthetic tasks each
-have their own context.  The full cache is prefilled once per context, first, and is the
-reference for the answer-likelihood delta of every other run on that context.
+with several questions) are prefilled once per (method, budget, scoring), except with a
+scoring that uses the question (query-aware), which prefills once per question; synthetic
+tasks each have their own context.  The full cache is prefilled once per context, first,
+and is the reference for the answer-likelihood delta of every other run on that context.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..api import LoadedModel, prefill
+from ..api import LoadedModel, prefill, resolve_scoring
 from ..core import defaults
 from ..core.budget import FULL as FULL_BUDGET
 from ..core.budget import Budget, parse_budget
@@ -159,7 +160,9 @@ class EvalSettings:
     methods: Sequence[str] = ()
     budgets: Sequence[str | float | Budget] = (0.5,)
     chunk_size: int = defaults.CHUNK_SIZE
-    query_aware: bool = False
+    # Where scored methods' statistics come from (``kvcli.engine.scoring``): each is its own
+    # run.  ``auto`` here is reconstruction: an evaluated context is asked after prefill.
+    scorings: Sequence[str] = (defaults.SCORING,)
     method_options: dict = field(default_factory=dict)
     backend: str = "sdpa"
     truncate: bool = False
@@ -182,20 +185,47 @@ def validate_methods(
     return methods, parsed, per
 
 
-def max_new_tokens_for(item: EvalItem, tokenizer) -> int:
-    """Room for the answer: 16 tokens for one short answer, more for lists."""
+def max_new_tokens_for(item: EvalItem, tokenizer, floor: int = 16) -> int:
+    """Room for the answer: ``floor`` tokens for one short answer (the model's
+    ``LoadedModel.answer_tokens``: 16 for a base model, 48 for an instruction-tuned one that
+    restates the question first), more for lists."""
     need = len(tokenizer.encode(", ".join(item.answers), add_special_tokens=False))
-    return int(min(256, max(16, need + 4 * len(item.answers) + 8)))
+    return int(min(256, max(floor, need + 4 * len(item.answers) + 8)))
 
 
 # ------------------------------------------------------------------ the run
-def _groups(items: Sequence[EvalItem], query_aware: bool) -> list[list[EvalItem]]:
-    """Items that can share one prefill: same context (and, query-aware, same question)."""
-    groups: dict[tuple, list[EvalItem]] = {}
+def _groups(items: Sequence[EvalItem]) -> list[list[EvalItem]]:
+    """Items that share a context (one prefill serves them, unless the scoring uses the question)."""
+    groups: dict[str, list[EvalItem]] = {}
     for it in items:
-        key = (it.context, it.question) if query_aware else (it.context,)
-        groups.setdefault(key, []).append(it)
+        groups.setdefault(it.context, []).append(it)
     return list(groups.values())
+
+
+def _uses_question(scoring: str | None) -> bool:
+    return scoring is not None and "question" in scoring
+
+
+def plan_runs(settings: EvalSettings) -> list[tuple[str, Budget, str | None]]:
+    """``(method, budget, scoring)`` of every run on a context, the full cache first.  Plain
+    PoD keeps every token (one run, whatever the budgets); methods that score nothing run once
+    per budget (scoring ``None``)."""
+    methods, budgets, per = validate_methods(settings.methods, settings.budgets, settings.method_options)
+    # auto: an evaluated context is asked after prefill (as a saved one is); an explicit
+    # question scoring gets each item's question.
+    scorings = list(dict.fromkeys(resolve_scoring(s, has_questions=s != "auto") for s in settings.scorings))
+    runs: list[tuple[str, Budget, str | None]] = [(FULL, FULL_BUDGET, None)]
+    for m in methods:
+        meth = make_method(m, **per[m])
+        for b in [FULL_BUDGET] if not meth.uses_budget else budgets:
+            runs += [(m, b, s) for s in scorings] if meth.needs_scores and not b.is_full else [(m, b, None)]
+    return runs
+
+
+def count_prefills(items: Sequence[EvalItem], runs: Sequence[tuple[str, Budget, str | None]]) -> list[int]:
+    """Prefills of each run: one per context, or one per question when the scoring uses it."""
+    groups = _groups(items)
+    return [len(items) if _uses_question(s) else len(groups) for _, _, s in runs]
 
 
 def run_eval(
@@ -204,82 +234,91 @@ def run_eval(
     settings: EvalSettings | None = None,
     on_step: Callable[[int, int, str], None] | None = None,
     config: dict | None = None,
+    on_chunk: Callable[[int, int], None] | None = None,
 ) -> EvalResult:
-    """Evaluate ``items`` with the full cache and every method x budget of ``settings``.
+    """Evaluate ``items`` with the full cache and every method x budget x scoring of ``settings``.
 
     Returns one row per (item, run).  ``on_step(done, total, label)`` is called before each
-    prefill (``done`` counts finished prefills) and once at the end.  ``config`` is added to
+    prefill (``done`` counts finished prefills) and once at the end; ``on_chunk(done, total)``
+    after every chunk of a prefill (tokens).  ``config`` is added to
     the result's settings (what the caller wants written with the results).
     """
     settings = settings or EvalSettings()
     if not items:
         raise KvcliError("nothing to evaluate: no tasks or questions")
     methods, budgets, per = validate_methods(settings.methods, settings.budgets, settings.method_options)
-    runs: list[tuple[str, Budget]] = [(FULL, FULL_BUDGET)]
-    for m in methods:  # plain PoD keeps every token: one run, whatever the budgets
-        runs += [(m, FULL_BUDGET)] if not make_method(m, **per[m]).uses_budget else [(m, b) for b in budgets]
-    groups = _groups(items, settings.query_aware)
-    total = len(groups) * len(runs)
+    runs = plan_runs(settings)
+    groups = _groups(items)
+    total = sum(count_prefills(items, runs))
     tok = lm.tokenizer
     rows: list[EvalRow] = []
     done = 0
     for group in groups:
         reference: dict[int, float] = {}
-        for method, budget in runs:
-            first = group[0]
-            if on_step is not None:
-                on_step(done, total, f"{first.kind} {first.length} {method}@{budget}")
-            t0 = time.perf_counter()
-            ctx = prefill(
-                lm,
-                first.context,
-                method=method,
-                budget=budget,
-                chunk_size=settings.chunk_size,
-                question=first.question if settings.query_aware else None,
-                method_options=per.get(method, {}),
-                backend=settings.backend,
-                truncate=settings.truncate,
-            )
-            prefill_seconds = time.perf_counter() - t0
-            kv_ratio = ctx.report().kv_ratio
-            for k, it in enumerate(group):
-                limit = settings.max_new_tokens or max_new_tokens_for(it, tok)
-                ans = ctx.ask(it.question, max_new_tokens=limit, answer_prefix=it.answer_prefix)
-                logprob = ctx.answer_logprob(it.question, it.reference, answer_prefix=it.answer_prefix)
-                if method == FULL:
-                    reference[k] = logprob
-                delta = logprob - reference[k]
-                rows.append(
-                    EvalRow(
-                        kind=it.kind,
-                        length=it.length,
-                        depth=it.depth,
-                        sample=it.sample,
-                        method=method,
-                        budget=str(budget),
-                        score=score_answers(it.answers, it.metric, ans.text),
-                        # JSON has no NaN/inf: an impossible answer (-inf) is reported as None
-                        logprob=logprob if math.isfinite(logprob) else None,
-                        logprob_delta=delta if math.isfinite(delta) else None,
-                        kv_ratio=kv_ratio,
-                        prefill_seconds=prefill_seconds,
-                        seed=it.seed,
-                        question=it.question,
-                        answers=list(it.answers),
-                        prediction=ans.text,
-                    )
+        for method, budget, scoring in runs:
+            # One prefill serves the group, or (query-aware) one per question.
+            parts = [[it] for it in group] if _uses_question(scoring) else [group]
+            for part in parts:
+                first = part[0]
+                if on_step is not None:
+                    tag = f"/{scoring}" if scoring else ""
+                    on_step(done, total, f"{first.kind} {first.length} {method}{tag}@{budget}")
+                t0 = time.perf_counter()
+                ctx = prefill(
+                    lm,
+                    first.context,
+                    method=method,
+                    budget=budget,
+                    chunk_size=settings.chunk_size,
+                    questions=[first.question] if _uses_question(scoring) else None,
+                    scoring=scoring or "window",
+                    method_options=per.get(method, {}),
+                    backend=settings.backend,
+                    truncate=settings.truncate,
+                    on_progress=on_chunk,
                 )
-            del ctx
-            done += 1
+                prefill_seconds = time.perf_counter() - t0
+                kv_ratio = ctx.report().kv_ratio
+                for it in part:
+                    limit = settings.max_new_tokens or max_new_tokens_for(it, tok, lm.answer_tokens)
+                    ans = ctx.ask(it.question, max_new_tokens=limit, answer_prefix=it.answer_prefix)
+                    logprob = ctx.answer_logprob(it.question, it.reference, answer_prefix=it.answer_prefix)
+                    if method == FULL:
+                        reference[id(it)] = logprob
+                    delta = logprob - reference[id(it)]
+                    rows.append(
+                        EvalRow(
+                            kind=it.kind,
+                            length=it.length,
+                            depth=it.depth,
+                            sample=it.sample,
+                            method=method,
+                            budget=str(budget),
+                            scoring=scoring,
+                            score=score_answers(it.answers, it.metric, ans.text),
+                            # JSON has no NaN/inf: an impossible answer (-inf) is reported as None
+                            logprob=logprob if math.isfinite(logprob) else None,
+                            logprob_delta=delta if math.isfinite(delta) else None,
+                            kv_ratio=kv_ratio,
+                            prefill_seconds=prefill_seconds,
+                            seed=it.seed,
+                            question=it.question,
+                            answers=list(it.answers),
+                            prediction=ans.text,
+                        )
+                    )
+                del ctx
+                done += 1
     if on_step is not None:
         on_step(done, total, "done")
+    scorings = sorted({s for _, _, s in runs if s})
     cfg = {
         "model": getattr(lm, "name", "custom"),
         "methods": [FULL, *methods],
         "budgets": [str(b) for b in budgets],
+        "scorings": scorings,
         "chunk_size": settings.chunk_size,
-        "query_aware": settings.query_aware,
+        "query_aware": any(_uses_question(s) for s in scorings),
         "method_options": {m: o for m, o in per.items() if o},
         "prefills": total,
         **(config or {}),
@@ -287,9 +326,56 @@ def run_eval(
     return EvalResult(rows=rows, config=cfg)
 
 
-def estimate_prefill_tokens(items: Sequence[EvalItem], n_runs: int, query_aware: bool = False) -> int:
-    """Tokens prefilled by a run with ``n_runs`` (full + methods x budgets) per context."""
-    return sum(g[0].length for g in _groups(items, query_aware)) * n_runs
+@dataclass
+class EvalPlan:
+    """The work of a run, known before it starts: what ``kvcli eval`` prints up front."""
+
+    runs: list[str]  # labels, the full cache first: ``full``, ``pod``, ``snapkv/recon@0.5``, ...
+    contexts: int  # distinct contexts (documents)
+    prefills: int
+    tokens: int  # prefilled, all prefills together
+    lengths: list[int]  # the distinct context lengths, shortest first
+    answers: int  # questions answered, all runs together
+    decode_tokens: int  # at most, decoded and teacher-forced for the answers, all runs together
+    steps: list[tuple[int, bool]] = field(default_factory=list)  # every prefill in run order: (tokens, scored)
+    scored: tuple[str, str] | None = None  # (method, scoring) of the first scored run, if any
+
+
+def plan_eval(items: Sequence[EvalItem], settings: EvalSettings, tokenizer: Any, answer_tokens: int = 16) -> EvalPlan:
+    """What ``run_eval(items, settings)`` will do: prefills and their tokens, answers and the
+    most tokens they decode (each answer's budget plus its reference, teacher-forced)."""
+    runs = plan_runs(settings)
+    prefills = count_prefills(items, runs)
+    per_item = [
+        max_new_tokens_for(it, tokenizer, answer_tokens) if settings.max_new_tokens is None else settings.max_new_tokens
+        for it in items
+    ]
+    reference = [len(tokenizer.encode(" " + it.reference, add_special_tokens=False)) for it in items]
+    labels = [m if b.is_full else f"{m}{'/' + s if s else ''}@{b}" for m, b, s in runs]
+    steps = [  # the order of run_eval's loops
+        (part[0].length, s is not None)
+        for group in _groups(items)
+        for _, _, s in runs
+        for part in ([[it] for it in group] if _uses_question(s) else [group])
+    ]
+    return EvalPlan(
+        runs=labels,
+        contexts=len(_groups(items)),
+        prefills=sum(prefills),
+        tokens=estimate_prefill_tokens(items, settings),
+        lengths=sorted({it.length for it in items}),
+        answers=len(items) * len(runs),
+        decode_tokens=(sum(per_item) + sum(reference)) * len(runs),
+        steps=steps,
+        scored=next(((m, s) for m, _, s in runs if s is not None), None),
+    )
+
+
+def estimate_prefill_tokens(items: Sequence[EvalItem], settings: EvalSettings) -> int:
+    """Tokens prefilled by the whole run (each run over every context, or every question)."""
+    per_context = sum(g[0].length for g in _groups(items))
+    per_question = sum(it.length for it in items)
+    return sum(per_question if _uses_question(s) else per_context for _, _, s in plan_runs(settings))
 
 
 __all__ = [
@@ -304,4 +390,6 @@ __all__ = [
     "split_options",
     "max_new_tokens_for",
     "estimate_prefill_tokens",
+    "EvalPlan",
+    "plan_eval",
 ]

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from ..core import defaults
 from ..core.budget import Budget
 from ..core.errors import KvcliError
+from .allocation import global_targets
 
 if TYPE_CHECKING:  # annotations only: a method (and its option checks) imports without torch
     import torch
@@ -73,6 +74,11 @@ class Method:
         """False: the saving is structural (plain PoD) and the token budget does not apply."""
         return True
 
+    @property
+    def ranks_entries(self) -> bool:
+        """``importance`` ranks a layer's entries, so the budget can be allocated across layers."""
+        return self.needs_scores
+
     @classmethod
     def option_names(cls) -> list[str]:
         return [f.name for f in fields(cls) if f.metadata.get("option", True)]
@@ -99,12 +105,26 @@ class Method:
     # ---- after every chunk --------------------------------------------------------------------
     def compress(self, cache: KVCache, budget: Budget) -> None:
         target = budget.target(cache.seen)
-        for layer in cache.growing_layers:
-            if layer.length > target:
-                self.compress_layer(layer, target)
+        layers = cache.growing_layers
+        if budget.allocation == "global" and self.ranks_entries:
+            importance = [self.importance(layer) for layer in layers]
+            targets = global_targets(importance, target, floor=min(target, self.protected_entries(target)))
+        else:
+            targets = [target] * len(layers)
+        for layer, keep in zip(layers, targets, strict=True):
+            if layer.length > keep:
+                self.compress_layer(layer, keep)
 
     def compress_layer(self, layer: GrowingLayer, target: int) -> None:
         raise NotImplementedError
+
+    def importance(self, layer: GrowingLayer) -> torch.Tensor:
+        """``[B, H, n]``: what ``compress_layer`` ranks the layer's entries by (scored methods)."""
+        raise NotImplementedError(f"{self.name} does not rank entries")
+
+    def protected_entries(self, target: int) -> int:
+        """Entries a layer keeps whatever their rank (sinks, recent window) at ``target``."""
+        return self.n_sink
 
 
 # ---- option checks (one line each, naming the method and the option) ----------------------------

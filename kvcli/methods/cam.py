@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, ClassVar
 from .base import Method, fraction, integer, keep_top
 
 if TYPE_CHECKING:
+    import torch
+
     from ..cache import GrowingLayer
 
 
@@ -35,6 +37,12 @@ class CaM(Method):
     @property
     def needs_scores(self) -> bool:
         return True
+
+    def importance(self, layer: GrowingLayer) -> torch.Tensor:
+        return layer.require("scores")
+
+    def protected_entries(self, target: int) -> int:
+        return self.n_sink + int(target * self.recent)
 
     def compress_layer(self, layer: GrowingLayer, target: int) -> None:
         import torch  # here, not at the top: checking options needs no torch

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, ClassVar
 from .base import Method, fraction, keep_top
 
 if TYPE_CHECKING:
+    import torch
+
     from ..cache import GrowingLayer
 
 
@@ -31,6 +33,12 @@ class H2O(Method):
     @property
     def needs_scores(self) -> bool:
         return True
+
+    def importance(self, layer: GrowingLayer) -> torch.Tensor:
+        return layer.require("scores")
+
+    def protected_entries(self, target: int) -> int:
+        return self.n_sink + int(target * self.recent)
 
     def compress_layer(self, layer: GrowingLayer, target: int) -> None:
         n_recent = int(target * self.recent)

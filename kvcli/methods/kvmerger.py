@@ -144,6 +144,12 @@ class KVMerger(Method):
             1, set_ids, cand, reduce="amin", include_self=True
         )
 
+    def importance(self, layer: GrowingLayer) -> torch.Tensor:
+        return layer.require("scores")
+
+    def protected_entries(self, target: int) -> int:
+        return self.n_sink + round(self.recent * target)
+
     def compress_layer(self, layer: GrowingLayer, target: int) -> None:
         import torch
 

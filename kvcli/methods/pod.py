@@ -276,6 +276,10 @@ class PoD(Method):
         for j, m in enumerate(members, 1):  # a copy, not a view: the dropped keys' storage must really be freed
             m.assign((m.head_keys, m.tail_keys[:, :, m.n_tail - n_tail :].clone()), **rewritten(j, m))
 
+    @property
+    def ranks_entries(self) -> bool:  # a block's layers share one layout: no per-layer allocation
+        return False
+
     def compress_layer(self, layer: GrowingLayer, target: int) -> None:  # PoD works per block (compress)
         raise NotImplementedError
 

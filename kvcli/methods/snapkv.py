@@ -16,6 +16,8 @@ from ..core.errors import KvcliError
 from .base import Method, integer, keep_top
 
 if TYPE_CHECKING:
+    import torch
+
     from ..cache import GrowingLayer
 
 
@@ -38,12 +40,18 @@ class SnapKV(Method):
     def needs_scores(self) -> bool:
         return True
 
-    def compress_layer(self, layer: GrowingLayer, target: int) -> None:
+    def importance(self, layer: GrowingLayer) -> torch.Tensor:
+        """The observation's attention, pooled over neighbouring entries."""
         import torch.nn.functional as F  # here, not at the top: checking options needs no torch
 
         obs = layer.require("obs")
         b, h, n = obs.shape
-        pooled = F.avg_pool1d(
+        return F.avg_pool1d(
             obs.reshape(b * h, 1, n), self.kernel, stride=1, padding=self.kernel // 2, count_include_pad=False
         ).reshape(b, h, n)
-        layer.gather(keep_top(pooled, target, self.n_sink, self.window))
+
+    def protected_entries(self, target: int) -> int:
+        return self.n_sink + self.window
+
+    def compress_layer(self, layer: GrowingLayer, target: int) -> None:
+        layer.gather(keep_top(self.importance(layer), target, self.n_sink, self.window))

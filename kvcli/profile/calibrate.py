@@ -304,7 +304,7 @@ def measure(
 
     engine.state.observer = observe
     try:
-        engine.forward(ids[:, total - queries :], collect=False)
+        engine.forward(ids[:, total - queries :])
     finally:
         engine.state.observer = None
     if on_progress is not None:

@@ -21,14 +21,12 @@ equals ``Context.report()`` byte for byte (tests/test_profile.py checks every me
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from huggingface_hub import snapshot_download
-from transformers import AutoConfig, AutoTokenizer
+from transformers import AutoTokenizer
 
 from ..cache.sizing import CacheShape, EstimateStep, LayerEstimate, cache_shape, full_bytes, growing_layer, window_layer
 from ..core import defaults
@@ -36,39 +34,9 @@ from ..core.budget import FULL, Budget, parse_budget
 from ..core.documents import load_document
 from ..core.errors import KvcliError
 from ..engine.engine import check_chunk_size
-from ..engine.models import converted_model_dir
+from ..engine.models import config_location, load_config
 from ..methods import make_method
 from ..methods.base import Method
-
-
-# ---- configuration ---------------------------------------------------------------------------
-def load_config(ref: str | Path):
-    """A model configuration from ``config.json`` or a model directory, without weights.
-
-    Transformers' own config class is used when it knows the model type (it derives fields
-    such as ``layer_types`` exactly as a loaded model would); otherwise the raw JSON.
-    """
-    path = Path(ref).expanduser()
-    if path.is_dir():
-        path = path / "config.json"
-        if not path.is_file():
-            raise KvcliError(f"model {ref}: directory has no config.json", option="model")
-    elif not path.is_file():
-        raise KvcliError(
-            f"model {ref}: no such file or directory (give a config.json or a model directory)", option="model"
-        )
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise KvcliError(
-            f"model {ref}: cannot read {path.name} as JSON ({str(exc).splitlines()[0][:120]})", option="model"
-        ) from None
-    if not isinstance(data, dict):
-        raise KvcliError(f"model {ref}: {path.name} is not a JSON object", option="model")
-    try:
-        return AutoConfig.from_pretrained(str(path))
-    except Exception:  # unknown model_type or a partial config: read the fields ourselves
-        return data
 
 
 def make_estimating_method(method: str | Method, options: dict | None = None) -> Method:
@@ -259,31 +227,16 @@ def resolve_estimate_dtype(requested: str, config: Any, device: str = "auto") ->
 
 
 def config_path(model: str) -> Path:
-    """Where ``model``'s configuration is (nothing is converted or downloaded)."""
-    if model == defaults.MODEL:
-        path = converted_model_dir()
-        if not (path / "config.json").exists():
-            raise KvcliError(
-                "the embedded model is not converted yet (run any kvcli command once), or give a "
-                "config.json as the model"
-            )
-        return path
-    path = Path(model).expanduser()
-    if not path.exists():
-        try:  # a hub id already in the local Hugging Face cache (never downloads)
-            path = Path(snapshot_download(model, local_files_only=True, allow_patterns=["config.json"]))
-        except Exception:
-            raise KvcliError(
-                f"model {model}: no such file or directory, and not in the local Hugging Face cache", option="model"
-            ) from None
-    return path
+    """Where ``model``'s configuration is (nothing is converted or downloaded; an embedded model
+    not converted yet is described by its bundled ``config.json``)."""
+    return config_location(model)
 
 
 def document_tokens(path: Path, document: str) -> int:
     """Tokens of ``document`` (with BOS) under the tokenizer saved next to the configuration ``path``."""
     tok_dir = path if path.is_dir() else path.parent
     try:
-        tok = AutoTokenizer.from_pretrained(str(tok_dir))
+        tok = AutoTokenizer.from_pretrained(str(tok_dir), trust_remote_code=False)
     except Exception:
         raise KvcliError(
             f"no tokenizer next to {path} to count the document's tokens; give a token count instead", option="document"

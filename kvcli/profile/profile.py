@@ -223,9 +223,7 @@ def _decode(ctx, question: str, n: int) -> tuple[float | None, float, int]:
     try:
         logits = engine.context_logits()
         for start in range(0, len(ids), engine.chunk_size):
-            logits = engine.forward(
-                torch.tensor([ids[start : start + engine.chunk_size]], dtype=torch.long), collect=False
-            )
+            logits = engine.forward(torch.tensor([ids[start : start + engine.chunk_size]], dtype=torch.long))
         for _ in engine.generate(logits, n, Sampler(), eos_ids=set()):
             count += 1
             if first is None:
@@ -361,13 +359,31 @@ class ProfileResult:
 
 
 # on_event(event, method, data): "start"; "loaded" (data: None, or for the first method with
-# ``calibrate`` the measured (seconds per prefill token, seconds per decoded token)); "chunk"
-# (data = (done, total)); "done" (data = row).
+# ``calibrate`` the measured seconds per prefill token, per decoded token, and per prefill
+# token of the first scored method, or None); "chunk" (data = (done, total)); "done" (data = row).
 EventFn = Callable[[str, str, Any], None]
 
 
 def _ignore(event: str, method: str, data: Any) -> None:
     return None
+
+
+def scored_methods(spec: ProfileSpec) -> list[str]:
+    """The methods of ``spec`` that score entries at its budget: their scoring passes make
+    their prefill slower than the full cache's."""
+    budget = parse_budget(spec.budget)
+    out = []
+    for m in spec.methods:
+        meth = make_method(m, **(spec.options.get(m) or {}))
+        if meth.needs_scores and meth.uses_budget and not budget.is_full:
+            out.append(m)
+    return out
+
+
+def _speed(lm: LoadedModel, spec: ProfileSpec, document: Any) -> list[float | None]:
+    scored = scored_methods(spec)
+    sp = measure_speed(lm, document, spec.chunk_size, raw=spec.raw, scored=scored[0] if scored else None)
+    return [sp.prefill, sp.decode, sp.scored]
 
 
 def run_profile(
@@ -379,8 +395,7 @@ def run_profile(
     speed = None
     if not isolate and lm is not None:
         if spec.calibrate:
-            sp = measure_speed(lm, spec.document, spec.chunk_size, raw=spec.raw)
-            speed = (sp.prefill, sp.decode)
+            speed = tuple(_speed(lm, spec, spec.document))
         else:
             warm_up(lm)
     for k, method in enumerate(spec.methods):
@@ -432,6 +447,8 @@ def _child_spec(spec: ProfileSpec, method: str, calibrate: bool = False) -> dict
     doc = list(map(int, spec.document)) if spec.raw else spec.document
     return {
         "calibrate": calibrate,
+        "methods": spec.methods,  # the calibration times a chunk of the first scored one
+        "all_options": spec.options,
         "model": spec.model,
         "device": spec.device,
         "dtype": spec.dtype,
@@ -525,8 +542,15 @@ def child_main() -> None:
         lm = load_model(spec["model"], device=spec["device"], dtype=spec["dtype"], quiet=True)
         speed = None
         if spec.get("calibrate"):  # warms up too
-            sp = measure_speed(lm, spec["document"], spec["chunk_size"], raw=spec["raw"])
-            speed = [sp.prefill, sp.decode]
+            whole = ProfileSpec(
+                document=None,
+                methods=spec["methods"],
+                budget=spec["budget"],
+                chunk_size=spec["chunk_size"],
+                options=spec["all_options"],
+                raw=spec["raw"],
+            )
+            speed = _speed(lm, whole, spec["document"])
         else:
             warm_up(lm)
         trim_allocator()

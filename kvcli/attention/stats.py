@@ -1,0 +1,140 @@
+"""What a forward records about attention: the statistics scored methods rank entries by.
+
+The engine hands one collector to each forward that should record something (``RunState.
+collector``); the attention function calls it once per growing layer with that layer's
+post-RoPE queries and keys.  Everything is computed on a bounded set of queries, so no
+method needs eager attention or memory quadratic in the document.
+
+* ``WindowStats``: the last ``window`` queries of a prefill chunk (the observation window).
+  H2O's ``scores`` accumulate their attention; SnapKV's ``obs`` holds the latest window.
+* ``ProbeStats``: the trailing queries are a question that only observes (query-aware
+  scoring).  With several questions, ``obs`` keeps the largest attention any of them paid.
+* ``ReconStats``: the queries reconstruct the newest context entries (KVzip's "repeat the
+  previous context" pass, see ``kvcli.engine.scoring``).  An entry's importance is the
+  largest attention probability it receives from any reconstruction query of any query
+  head in its KV group; ``scores`` and ``obs`` both hold it, max-accumulated.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from ..cache import GrowingLayer
+from .reference import allowed_mask, received_attention
+
+KeyArg = torch.Tensor | tuple[torch.Tensor, ...]
+
+#: Reconstruction queries scored at a time (bounds the logits held to this many rows).
+RECON_QUERY_BLOCK = 256
+
+
+class Collector:
+    """Records statistics for one forward; called per growing layer by the attention function."""
+
+    #: The forward's own output is not used (a probe): the reference attention computes it.
+    observe_only: ClassVar[bool] = False
+
+    def __call__(
+        self,
+        layer: GrowingLayer,
+        query: torch.Tensor,
+        key: KeyArg,
+        q_pos: torch.Tensor,
+        k_pos: torch.Tensor,
+        bias: torch.Tensor | None,
+        scaling: float,
+    ) -> None:
+        raise NotImplementedError
+
+
+@dataclass
+class WindowStats(Collector):
+    """Attention from the last ``window`` queries of the forward (a prefill chunk)."""
+
+    window: int
+
+    def __call__(self, layer, query, key, q_pos, k_pos, bias, scaling) -> None:
+        w = min(self.window, query.shape[2])
+        layer.add_scores(received_attention(query[:, :, -w:], key, q_pos[-w:], k_pos, bias, scaling))
+
+
+@dataclass
+class ProbeStats(Collector):
+    """Attention from the trailing ``length`` queries (a question); ``first``: the first of
+    this chunk's questions (it replaces ``obs``; later ones keep the maximum)."""
+
+    observe_only: ClassVar[bool] = True
+
+    length: int
+    first: bool = True
+
+    def __call__(self, layer, query, key, q_pos, k_pos, bias, scaling) -> None:
+        n = self.length
+        received = received_attention(query[:, :, -n:], key, q_pos[-n:], k_pos, bias, scaling)
+        layer.add_scores(received, obs_max=not self.first)
+
+
+@dataclass
+class ReconStats(Collector):
+    """Importance of the newest ``n_chunk`` context entries from a reconstruction pass.
+
+    The forward's queries (the repeat prompt, then the chunk's own tokens, teacher-forced)
+    were appended after the context, so a layer holds ``context | reconstruction`` and the
+    chunk being reconstructed is the end of the context.  As KVzip does, each query's
+    softmax is taken over the sinks, the chunk and the reconstruction itself (``local``):
+    older entries, scored by their own chunk's pass, are not re-normalised against it.
+    ``local=False`` takes the softmax over the whole cache instead (every entry can gain).
+    """
+
+    n_chunk: int
+    n_sink: int
+    local: bool = True
+
+    def __call__(self, layer, query, key, q_pos, k_pos, bias, scaling) -> None:
+        keys = key if isinstance(key, torch.Tensor) else torch.cat(key, dim=2)
+        lq, lk = query.shape[2], keys.shape[2]
+        n_ctx = lk - lq
+        start = max(0, n_ctx - self.n_chunk)
+        if self.local:
+            sinks = min(self.n_sink, start)
+            sel = torch.cat([torch.arange(sinks), torch.arange(start, lk)]).to(keys.device)
+            ctx_part, at = slice(sinks, sinks + n_ctx - start), start  # the chunk among the selected keys
+        else:
+            sel = torch.arange(lk, device=keys.device)
+            ctx_part, at = slice(0, n_ctx), 0
+        sel_bias = None if bias is None else bias[..., sel]
+        best = max_attention(query, keys[:, :, sel], q_pos, k_pos[..., sel], sel_bias, scaling)
+        layer.raise_scores(best[..., ctx_part], at)
+
+
+def max_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    q_pos: torch.Tensor,
+    k_pos: torch.Tensor,
+    bias: torch.Tensor | None,
+    scaling: float,
+) -> torch.Tensor:
+    """The largest attention probability each key receives from any query of any query head
+    in its KV group: ``[B, Hkv, Lk]`` (float32).  Queries are taken ``RECON_QUERY_BLOCK`` at
+    a time (each softmax row is independent), so the logits held stay bounded."""
+    b, hq, lq, d = query.shape
+    hkv, lk = key.shape[1], key.shape[2]
+    g = hq // hkv
+    k = key.float().transpose(-1, -2)
+    best = torch.zeros((b, hkv, lk), dtype=torch.float32, device=key.device)
+    for s in range(0, lq, RECON_QUERY_BLOCK):
+        q = query[:, :, s : s + RECON_QUERY_BLOCK]
+        n = q.shape[2]
+        logits = torch.matmul(q.reshape(b, hkv, g * n, d).float(), k) * scaling
+        if bias is not None:
+            logits = logits + bias.unsqueeze(2).float()
+        ok = allowed_mask(q_pos[s : s + n], k_pos, None)
+        ok = ok.unsqueeze(2).expand(ok.shape[0], ok.shape[1], g, n, lk).reshape(ok.shape[0], ok.shape[1], g * n, lk)
+        probs = torch.softmax(logits.masked_fill(~ok, -math.inf), dim=-1)
+        best = torch.maximum(best, probs.amax(dim=2))
+    return best

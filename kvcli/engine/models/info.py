@@ -1,0 +1,104 @@
+"""What ``kvcli models`` says about each known model, from its configuration alone (no weights).
+
+Known models: the embedded ones (converted or not) and the local directories kvcli has
+loaded before (``registry.known_models``).  The layer kinds and bytes per token come from
+``kvcli.cache.sizing``, the arithmetic the cache itself uses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from ...cache.sizing import cache_shape, text_config
+from ...core.errors import KvcliError
+from .config import config_location, load_config
+from .fetch import converted_dir, is_complete
+from .registry import EMBEDDED, known_models
+from .store import tree_bytes
+
+
+@dataclass
+class ModelInfo:
+    name: str  # what --model takes
+    kind: str  # "embedded" | "local"
+    path: str  # the converted folder (embedded) or the model folder
+    converted: bool | None  # embedded: converted into the cache yet; local: None
+    size_bytes: int  # on disk (0 when absent)
+    about: str = ""
+    architecture: str = ""
+    layers: int = 0
+    growing_layers: int = 0  # full attention: their cache grows with the document
+    sliding_layers: int = 0
+    sliding_window: int | None = None
+    query_heads: int = 0
+    kv_heads: int = 0
+    head_dim: int = 0
+    max_positions: int = 0
+    dtype: str = "float32"
+    kv_bytes_per_token: int = 0  # K and V of every growing layer, per document token
+    kv_bytes_sliding: int = 0  # what the sliding layers hold at most, whatever the length
+    error: str = ""  # why the configuration could not be read
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def describe(config: Any, info: ModelInfo, dtype: str) -> ModelInfo:
+    """Fill ``info``'s architecture fields from ``config`` at ``dtype``."""
+    cfg = text_config(config)
+    shape = cache_shape(config, dtype)
+    archs = config.get("architectures") if isinstance(config, dict) else getattr(config, "architectures", None)
+    info.architecture = str((archs or [getattr(cfg, "model_type", "")])[0] or "")
+    info.layers = len(shape.layer_kinds)
+    info.growing_layers = len(shape.growing_indices)
+    info.sliding_layers = info.layers - info.growing_layers
+    info.sliding_window = shape.sliding_window if info.sliding_layers else None
+    info.query_heads = int(getattr(cfg, "num_attention_heads", 0) or 0)
+    info.kv_heads = shape.num_kv_heads
+    info.head_dim = shape.head_dim
+    info.max_positions = int(getattr(cfg, "max_position_embeddings", 0) or 0)
+    info.dtype = str(shape.dtype).removeprefix("torch.")
+    info.kv_bytes_per_token = info.growing_layers * shape.kv_entry_bytes
+    info.kv_bytes_sliding = info.sliding_layers * max((shape.sliding_window or 1) - 1, 0) * shape.kv_entry_bytes
+    return info
+
+
+def _read(info: ModelInfo, ref: Path, dtype: str) -> ModelInfo:
+    try:
+        return describe(load_config(ref), info, dtype)
+    except KvcliError as exc:
+        if exc.option == "dtype":
+            raise
+        info.error = str(exc)
+        return info
+
+
+def list_models(dtype: str = "float32") -> list[ModelInfo]:
+    """Every known model, embedded ones first; nothing is loaded, converted or downloaded."""
+    rows: list[ModelInfo] = []
+    for entry in EMBEDDED:
+        target = converted_dir(entry)
+        done = is_complete(target)
+        info = ModelInfo(
+            name=entry.name,
+            kind="embedded",
+            path=str(target),
+            converted=done,
+            size_bytes=tree_bytes(target) if done else 0,
+            about=entry.about,
+        )
+        rows.append(_read(info, config_location(entry.name), dtype))
+    for known in known_models():
+        path = Path(known["path"])
+        info = ModelInfo(
+            name=str(known.get("name") or path), kind="local", path=str(path), converted=None, size_bytes=0
+        )
+        if not (path / "config.json").is_file():
+            info.error = "no longer there (or no config.json)"
+            rows.append(info)
+            continue
+        info.size_bytes = tree_bytes(path, follow_files=True)
+        rows.append(_read(info, path, dtype))
+    return rows

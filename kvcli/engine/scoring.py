@@ -1,0 +1,85 @@
+"""Scoring: which passes give scored methods (H2O, SnapKV, CaM, KVMerger, pod+X) their
+statistics, after every prefill chunk and before it is compressed.
+
+* ``window``: the last queries of the chunk itself (SnapKV's observation window; no extra
+  pass).  Cheap, but the end of a chunk does not predict what a later question will read.
+* ``question``: each question, known before prefill, is run after the chunk and rolled
+  back; it scores the entries it attends to (query-aware; the context then serves those
+  questions).  Several questions: the largest attention any of them paid.
+* ``recon``: query-agnostic scoring by context reconstruction (KVzip, Kim et al. 2025),
+  adapted to on-the-fly compression: after each chunk, the model is asked to repeat it
+  ("Repeat the previous context exactly." for the first chunk; "Repeat the part of the
+  previous context exactly, starting with" + the previous chunk's last ``overlap`` tokens
+  for the others), the chunk's own tokens are teacher-forced after the prompt, and every
+  entry of the chunk gets the largest attention probability any reconstruction query of its
+  KV group pays it.  The pass is rolled back.  About one more forward of the chunk.
+* ``recon+question``: both; an entry keeps the larger score.
+
+Choosing among them (``auto``) is the API's job: it knows whether the questions are known
+before prefill and whether the context is kept for later.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from ..attention.stats import Collector, ProbeStats, ReconStats
+from ..core import defaults
+from ..core.errors import KvcliError
+
+SCORINGS = defaults.SCORINGS
+
+
+@dataclass(frozen=True)
+class ReconPrompt:
+    """Token ids of the reconstruction prompt (see ``Template.reconstruction``)."""
+
+    first: tuple[int, ...]
+    next_head: tuple[int, ...]
+    next_tail: tuple[int, ...]
+    overlap: int = defaults.RECON_OVERLAP
+
+    def ids(self, context: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        """``[1, n]``: the prompt, then tokens ``start:end`` of ``context`` (the chunk)."""
+        chunk = context[0, start:end].tolist()
+        if start == 0:
+            return torch.tensor([[*self.first, *chunk]], dtype=torch.long)
+        tail = context[0, max(0, start - self.overlap) : start].tolist()
+        return torch.tensor([[*self.next_head, *tail, *self.next_tail, *chunk]], dtype=torch.long)
+
+
+@dataclass
+class Scoring:
+    """How a run scores entries: ``name`` in ``SCORINGS``, with what that needs."""
+
+    name: str = "window"
+    questions: list[list[int]] = field(default_factory=list)  # ids of each question as asked after the document
+    recon: ReconPrompt | None = None
+    n_sink: int = defaults.N_SINK  # sinks the reconstruction softmax keeps beside the chunk (KVzip: 4)
+
+    def __post_init__(self) -> None:
+        if self.name not in SCORINGS:
+            raise KvcliError(f"scoring {self.name!r} is unknown: use one of {', '.join(SCORINGS)}", option="scoring")
+        if "question" in self.name and not self.questions:
+            raise KvcliError("question scoring needs the questions before prefill", option="scoring")
+        if "recon" in self.name and self.recon is None:
+            raise KvcliError("reconstruction scoring needs a reconstruction prompt", option="scoring")
+
+    @property
+    def uses_window(self) -> bool:
+        """Statistics from the chunk's own last queries (no extra pass)."""
+        return self.name == "window"
+
+    def passes(self, context: torch.Tensor, start: int, end: int) -> Iterator[tuple[torch.Tensor, Collector]]:
+        """The rolled-back forwards to run after chunk ``start:end`` of ``context``, each with
+        the collector that records what it observes."""
+        if self.recon is not None and "recon" in self.name:
+            yield self.recon.ids(context, start, end), ReconStats(n_chunk=end - start, n_sink=self.n_sink)
+        if "question" in self.name:
+            for i, q in enumerate(self.questions):
+                # After reconstruction the first question must not overwrite obs: keep the larger.
+                first = i == 0 and "recon" not in self.name
+                yield torch.tensor([q], dtype=torch.long), ProbeStats(length=len(q), first=first)

@@ -1,0 +1,193 @@
+"""Scoring (window / question / reconstruction) and the budget's allocation across layers."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from kvcli import api
+from kvcli.attention.stats import ReconStats, max_attention
+from kvcli.cache import GrowingLayer
+from kvcli.cache.layers import Clock
+from kvcli.core.budget import Budget, parse_budget
+from kvcli.core.errors import KvcliError
+from kvcli.core.prompts import COMPLETION
+from kvcli.engine.engine import Engine
+from kvcli.engine.scoring import ReconPrompt, Scoring
+from kvcli.methods import make_method
+from kvcli.methods.allocation import global_targets
+
+from conftest import IdTokenizer, sharpen, tiny_gemma3, tiny_llama
+
+
+def eager_max(query, key, q_pos, k_pos, scaling):
+    """Independent reference in float64: softmax of every query head over every key it may
+    see, then the maximum over queries and over the query heads of each KV group."""
+    b, hq, lq, d = query.shape
+    hkv, lk = key.shape[1], key.shape[2]
+    g = hq // hkv
+    out = torch.zeros(b, hkv, lk, dtype=torch.float64)
+    for h in range(hq):
+        kh = h // g
+        logits = query[0, h].double() @ key[0, kh].double().T * scaling
+        visible = k_pos.view(1, -1) <= q_pos.view(-1, 1)
+        probs = torch.softmax(logits.masked_fill(~visible, -math.inf), dim=-1)
+        out[0, kh] = torch.maximum(out[0, kh], probs.max(dim=0).values)
+    return out
+
+
+def test_max_attention_matches_eager_reference():
+    torch.manual_seed(0)
+    q = torch.randn(1, 6, 300, 8)  # 300 queries: more than one block of RECON_QUERY_BLOCK
+    k = torch.randn(1, 2, 340, 8)
+    k_pos = torch.arange(340).view(1, 1, -1)
+    q_pos = torch.arange(40, 340)
+    got = max_attention(q, k, q_pos, k_pos, None, 0.35)
+    torch.testing.assert_close(got.double(), eager_max(q, k, q_pos, k_pos, 0.35), atol=1e-6, rtol=1e-5)
+
+
+def _layer_with(n: int, heads: int = 2, d: int = 8) -> GrowingLayer:
+    layer = GrowingLayer(Clock(), 0)
+    layer.lazy_initialization(torch.zeros(1, heads, 0, d), torch.zeros(1, heads, 0, d))
+    layer.keys = torch.randn(1, heads, n, d)
+    layer.values = torch.randn(1, heads, n, d)
+    layer.length = n
+    layer.track_scores = True
+    return layer
+
+
+def test_recon_stats_scores_only_the_chunk_against_sinks_chunk_and_reconstruction():
+    """KVzip's local softmax: the chunk's entries get the max over reconstruction queries of a
+    softmax over sinks + chunk + reconstruction keys; older entries keep their scores."""
+    torch.manual_seed(1)
+    n_ctx, n_chunk, n_rec, sinks = 30, 10, 12, 2
+    layer = _layer_with(n_ctx + n_rec)
+    layer.scores = torch.full((1, 2, n_ctx + n_rec), 0.25)
+    q = torch.randn(1, 4, n_rec, 8)
+    k_pos = torch.arange(n_ctx + n_rec).view(1, 1, -1)
+    q_pos = torch.arange(n_ctx, n_ctx + n_rec)
+    ReconStats(n_chunk=n_chunk, n_sink=sinks)(layer, q, layer.keys, q_pos, k_pos, None, 0.5)
+    sel = list(range(sinks)) + list(range(n_ctx - n_chunk, n_ctx + n_rec))
+    ref = eager_max(q, layer.keys[:, :, sel], q_pos, k_pos[..., sel], 0.5)
+    chunk = slice(n_ctx - n_chunk, n_ctx)
+    want = torch.maximum(ref[..., sinks : sinks + n_chunk].float(), torch.tensor(0.25))
+    torch.testing.assert_close(layer.scores[..., chunk], want)
+    # SnapKV reads obs: the same importance (obs held zeros before)
+    torch.testing.assert_close(layer.obs[..., chunk], ref[..., sinks : sinks + n_chunk].float())
+    assert torch.all(layer.scores[..., : n_ctx - n_chunk] == 0.25)  # older entries untouched
+
+
+def test_recon_prompt_ids():
+    prompt = ReconPrompt(first=(7, 8), next_head=(9,), next_tail=(5,), overlap=3)
+    ctx = torch.arange(100, 120).view(1, -1)
+    assert prompt.ids(ctx, 0, 4).tolist() == [[7, 8, 100, 101, 102, 103]]
+    # a later chunk is introduced by the last `overlap` tokens before it
+    assert prompt.ids(ctx, 10, 13).tolist() == [[9, 107, 108, 109, 5, 110, 111, 112]]
+
+
+def test_template_reconstruction_is_asked_like_a_question():
+    first, head, tail = COMPLETION.reconstruction()
+    assert first == COMPLETION.question("Repeat the previous context exactly.")
+    assert (head + "X" + tail) == COMPLETION.question("Repeat the part of the previous context exactly, starting withX")
+
+
+def _engine(model, method="snapkv", budget="0.5", scoring=None, chunk=16, **opts):
+    meth = make_method(method, **opts)
+    model = api.wrap_model(model, IdTokenizer()).model  # kvcli's attention function
+    return Engine(
+        model, meth, parse_budget(budget) if isinstance(budget, str) else budget, chunk_size=chunk, scoring=scoring
+    )
+
+
+RECON = ReconPrompt(first=(11, 12, 13), next_head=(14, 15), next_tail=(16,), overlap=4)
+
+
+@pytest.mark.parametrize("factory", [lambda: tiny_llama(2), tiny_gemma3])
+def test_scoring_passes_leave_no_trace(factory):
+    """With a budget larger than the document nothing is evicted: a run with reconstruction and
+    question passes after every chunk must give exactly the logits and cache of a plain run."""
+    model = sharpen(factory())
+    torch.manual_seed(3)
+    ids = torch.randint(3, 100, (1, 70))
+    plain = _engine(model, "full", "1.0")
+    want = plain.prefill(ids)
+    for name in ("recon", "question", "recon+question"):
+        scoring = Scoring(name=name, questions=[[20, 21, 22], [30, 31]], recon=RECON)
+        eng = _engine(model, "snapkv", "1000", scoring)
+        got = eng.prefill(ids)
+        torch.testing.assert_close(got, want)
+        assert eng.cache.seen == 70
+        for a, b in zip(eng.cache.growing_layers, plain.cache.growing_layers, strict=True):
+            assert a.length == b.length == 70
+            torch.testing.assert_close(a.valid("keys"), b.valid("keys"))
+            assert a.valid("scores") is not None and bool((a.valid("scores") > 0).any())
+
+
+def test_recon_scoring_runs_one_pass_per_chunk_and_window_none():
+    model = sharpen(tiny_llama(2))
+    calls = []
+    eng = _engine(model, scoring=Scoring(name="recon", recon=RECON))
+    real = eng.observe
+    eng.observe = lambda ids, collector: (calls.append((ids.shape[1], type(collector).__name__)), real(ids, collector))
+    eng.prefill(torch.randint(3, 100, (1, 40)))  # chunks of 16, 16, 8
+    assert calls == [(3 + 16, "ReconStats"), (2 + 4 + 1 + 16, "ReconStats"), (2 + 4 + 1 + 8, "ReconStats")]
+    window = _engine(model, scoring=Scoring(name="window"))
+    window.observe = lambda *a: pytest.fail("window scoring runs no extra pass")
+    window.prefill(torch.randint(3, 100, (1, 40)))
+
+
+def test_question_scoring_keeps_the_largest_attention_of_several_questions():
+    model = sharpen(tiny_llama(2))
+    ids = torch.randint(3, 100, (1, 16))  # one chunk: compression does not run below budget
+    q1, q2 = [20, 21, 22], [40, 41]
+
+    def obs(questions):
+        eng = _engine(model, "snapkv", "1000", Scoring(name="question", questions=questions))
+        eng.prefill(ids)
+        return [layer.valid("obs").clone() for layer in eng.cache.growing_layers]
+
+    both, one, two = obs([q1, q2]), obs([q1]), obs([q2])
+    for b, x, y in zip(both, one, two, strict=True):
+        torch.testing.assert_close(b, torch.maximum(x, y))
+
+
+def test_global_targets_exact_total_floor_and_ranking():
+    imp = [torch.full((1, 2, 50), 0.1), torch.full((1, 2, 50), 0.9), torch.rand(1, 2, 50) * 0.5]
+    imp[0][..., :5] = 1.0  # a few entries of layer 0 matter
+    out = global_targets(imp, target=25, floor=8)
+    assert sum(out) == 75  # exactly layers x target
+    assert out[1] == 50  # every entry of the layer whose entries matter most
+    assert out[0] >= 8 and out[2] >= 8  # floors
+    assert global_targets([torch.rand(1, 1, 10)] * 2, target=20, floor=1) == [10, 10]  # within budget
+
+
+def test_global_allocation_through_the_engine():
+    model = sharpen(tiny_llama(2, layers=3))
+    eng = _engine(model, "h2o", Budget(ratio=0.5, allocation="global"), Scoring(name="recon", recon=RECON))
+    eng.prefill(torch.randint(3, 100, (1, 96)))
+    lengths = [layer.length for layer in eng.cache.growing_layers]
+    assert sum(lengths) == 3 * 48
+    with pytest.raises(KvcliError, match="allocation global"):
+        _engine(model, "streaming", Budget(ratio=0.5, allocation="global"))
+    with pytest.raises(KvcliError, match="allocation"):
+        Budget(ratio=0.5, allocation="sideways")
+
+
+def test_scoring_names_and_auto():
+    assert api.resolve_scoring("auto", has_questions=True) == "question"
+    assert api.resolve_scoring("auto", has_questions=False) == "recon"
+    with pytest.raises(KvcliError, match="needs the questions"):
+        api.resolve_scoring("question", has_questions=False)
+    with pytest.raises(KvcliError, match="unknown"):
+        api.resolve_scoring("psychic", has_questions=False)
+
+
+def test_prefill_reports_scoring():
+    lm = api.wrap_model(sharpen(tiny_llama(2)), IdTokenizer())
+    ctx = api.prefill(lm, "some words " * 20, method="snapkv", budget=0.5, chunk_size=32)
+    assert ctx.report().scoring == "recon"
+    ctx = api.prefill(lm, "some words " * 20, method="snapkv", budget=0.5, chunk_size=32, questions=["why?"])
+    assert ctx.report().scoring == "question"
+    assert api.prefill(lm, "some words " * 20, method="streaming", budget=0.5).report().scoring is None
