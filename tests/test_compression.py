@@ -46,10 +46,9 @@ def test_cache_bounded_by_budget_plus_chunk(shape, method, budget):
     def checked(cache, bud):
         if cache.seen > chunk:  # before compressing: at most the last target plus one chunk
             for layer in cache.growing_layers:
-                assert layer.length <= max(bud.target(cache.seen - chunk, cache.total), floor) + chunk
+                assert layer.length <= max(bud.target(cache.seen - chunk), floor) + chunk
         original(cache, bud)
-        target = bud.target(cache.seen, cache.total)  # a ratio is of the whole document
-        assert target <= max(1, -(-(b.ratio or 0) * doc_len // 1)) if b.ratio else target <= b.tokens
+        target = bud.target(cache.seen)
         for layer in cache.growing_layers:
             assert layer.length == min(max(target, floor), cache.seen), (layer.length, target)
             assert layer.values.shape[2] == layer.length  # physical, not masked

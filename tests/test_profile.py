@@ -98,9 +98,8 @@ def test_estimate_of_the_embedded_model_layout():
     half = estimate_kv_bytes(cfg, 8192, "streaming", 0.5, "bfloat16")
     # streaming materialises positions (int64) once it has compressed; no statistics
     assert half.kv_bytes == 3 * 4096 * (2 * 256 * 2 + 8) + 15 * 511 * 2 * 256 * 2
-    # the peak is at a chunk boundary, before compression: the final budget (half of the
-    # document's 8192 tokens, what the ratio is of) plus one chunk
-    assert half.peak_prefill_kv_bytes == half.kv_bytes + 3 * 512 * (2 * 256 * 2 + 8)
+    # the peak is at the last chunk boundary, before compression: half of 7680 plus a chunk
+    assert half.peak_prefill_kv_bytes == half.kv_bytes + 3 * (3840 + 512 - 4096) * (2 * 256 * 2 + 8)
     merged = estimate_kv_bytes(cfg, 8192, "kvmerger", 0.5, "float32")
     # + positions int64, counts, scores and obs float32 per entry
     assert merged.kv_bytes == 3 * 4096 * (entry + 8 + 3 * 4) + 15 * 511 * entry

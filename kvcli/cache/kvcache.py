@@ -38,7 +38,6 @@ class KVCache(Cache):
                 layers.append(GrowingLayer(self.clock, i))
         super().__init__(layers=layers)
         self.seen = 0  # logical tokens processed
-        self.total: int | None = None  # what ``seen`` will be when the current prefill ends (ratio budgets)
         self.num_kv_heads = self.shape.num_kv_heads
         self.head_dim = self.shape.head_dim
         self.sliding_window = self.shape.sliding_window

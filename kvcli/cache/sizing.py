@@ -120,7 +120,6 @@ class EstimateStep:
     compressed: bool = True
     length: int = 0
     was_compressed: bool = False
-    total: int | None = None  # the whole prefill's tokens (``Budget.target``)
 
 
 # ---- configuration -----------------------------------------------------------------------------

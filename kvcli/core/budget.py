@@ -26,17 +26,11 @@ class Budget:
                 f"allocation {self.allocation!r} is unknown: use {' or '.join(ALLOCATIONS)}", option="allocation"
             )
 
-    def target(self, seen: int, total: int | None = None) -> int:
-        """Entries a layer may keep after ``seen`` tokens.  A ratio is of ``total``, the
-        length of the whole prefill when known (kvcli tokenizes a document before prefilling
-        it), else of ``seen``: nothing is evicted before the cache outgrows what it will hold
-        at the end, so early chunks compete with later ones instead of being halved at once
-        (the peak is the same: the final budget plus one chunk)."""
+    def target(self, seen: int) -> int:
         if self.tokens is not None:
             return min(self.tokens, seen)
         assert self.ratio is not None  # a budget is a ratio or a token count
-        basis = max(seen, total or 0)
-        return min(seen, max(1, math.ceil(self.ratio * basis)))
+        return min(seen, max(1, math.ceil(self.ratio * seen)))
 
     @property
     def is_full(self) -> bool:

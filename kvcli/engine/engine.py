@@ -128,7 +128,6 @@ class Engine:
         compressing after each chunk, so the cache never exceeds the budget plus one chunk
         (plus, during a scoring pass, that pass's tokens)."""
         total = ids.shape[-1]
-        self.cache.total = self.cache.seen + total
         t0 = time.perf_counter()
         done = 0
         window = WindowStats(self.obs_window) if self.scoring.uses_window else None

@@ -104,7 +104,7 @@ class Method:
 
     # ---- after every chunk --------------------------------------------------------------------
     def compress(self, cache: KVCache, budget: Budget) -> None:
-        target = budget.target(cache.seen, cache.total)
+        target = budget.target(cache.seen)
         layers = cache.growing_layers
         if budget.allocation == "global" and self.ranks_entries:
             importance = [self.importance(layer) for layer in layers]

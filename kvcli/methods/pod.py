@@ -211,7 +211,7 @@ class PoD(Method):
     # ---- after every chunk ------------------------------------------------------------------
     def compress(self, cache: KVCache, budget: Budget) -> None:
         seen = cache.seen
-        target = budget.target(seen, cache.total)
+        target = budget.target(seen)
         for block in self.chosen_blocks:
             anchor, members = _block_layers(cache, block)
             n_recent, squeeze = self.proximal_window(seen, target, anchor.length)
@@ -297,7 +297,7 @@ class PoD(Method):
             self._counts = _BlockCounts()
         counts = self._counts
         if step.compressed:
-            self._estimate_compress(counts, step.seen, step.budget.target(step.seen, step.total))
+            self._estimate_compress(counts, step.seen, step.budget.target(step.seen))
         else:
             counts.forward(step.chunk, self.n_sink)
         stats = self.needs_scores and not step.budget.is_full

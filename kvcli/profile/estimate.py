@@ -128,9 +128,7 @@ def estimate_kv_bytes(
     if not meth.uses_budget:  # as the Engine: a structural saving only (plain PoD), no token budget
         budget = FULL
     shape = cache_shape(config, dtype)
-    base = EstimateStep(
-        seen=0, chunk=0, chunk_size=chunk_size, budget=budget, options=dict(method_options or {}), total=context_tokens
-    )
+    base = EstimateStep(seen=0, chunk=0, chunk_size=chunk_size, budget=budget, options=dict(method_options or {}))
 
     seen = length = 0
     was_compressed = False
@@ -143,7 +141,7 @@ def estimate_kv_bytes(
         length += chunk
         before = replace(base, seen=seen, chunk=chunk, compressed=False, length=length, was_compressed=was_compressed)
         peak = max(peak, sum(layer.bytes for layer in _layers(shape, meth, before)))
-        target = budget.target(seen, context_tokens)
+        target = budget.target(seen)
         if meth.compresses and length > target:
             length, was_compressed = target, True
         after = replace(before, compressed=True, length=length, was_compressed=was_compressed)
