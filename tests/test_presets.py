@@ -32,7 +32,8 @@ def test_builtin_presets_load_or_name_their_missing_method():
         if data.get("method", "full") in method_names():
             s = presets.load_preset(name)
             assert s.method == data.get("method", "full")
-            assert str(s.budget) == str(presets.parse_budget(data.get("budget", 1.0)))
+            b = presets.parse_budget(data.get("budget", 1.0))
+            assert (s.budget.ratio, s.budget.tokens) == (b.ratio, b.tokens)
             assert s.description
         else:  # a preset whose method is not written yet
             with pytest.raises(KvcliError, match="'method'"):
@@ -49,9 +50,9 @@ def test_explicit_flags_override_a_preset(tmp_path):
         tmp_path, "description: mine\nmethod: kvmerger\nbudget: 0.4\nchunk_size: 128\noptions: {threshold: 0.8}\n"
     )
     s = presets.resolve_settings(preset=str(path))
-    assert (s.method, str(s.budget), s.chunk_size, s.options) == ("kvmerger", "0.4", 128, {"threshold": 0.8})
+    assert (s.method, str(s.budget), s.chunk_size, s.options) == ("kvmerger", "0.4:global", 128, {"threshold": 0.8})
     s = presets.resolve_settings(preset=str(path), options={"threshold": 0.9}, budget="300")
-    assert s.options == {"threshold": 0.9} and str(s.budget) == "300"
+    assert s.options == {"threshold": 0.9} and str(s.budget) == "300:global"  # the default allocation survives
     s = presets.resolve_settings(preset=str(path), method="h2o")
     assert s.method == "h2o" and s.options == {}  # the preset's options belong to its own method
 

@@ -169,8 +169,11 @@ def test_global_allocation_through_the_engine():
     eng.prefill(torch.randint(3, 100, (1, 96)))
     lengths = [layer.length for layer in eng.cache.growing_layers]
     assert sum(lengths) == 3 * 48
-    with pytest.raises(KvcliError, match="allocation global"):
-        _engine(model, "streaming", Budget(ratio=0.5, allocation="global"))
+    # streaming ranks nothing: it shares the budget uniformly (and says so in its budget)
+    streaming = _engine(model, "streaming", Budget(ratio=0.5, allocation="global"))
+    assert streaming.budget.allocation == "uniform" and str(streaming.budget) == "0.5"
+    streaming.prefill(torch.randint(3, 100, (1, 96)))
+    assert [layer.length for layer in streaming.cache.growing_layers] == [48, 48, 48]
     with pytest.raises(KvcliError, match="allocation"):
         Budget(ratio=0.5, allocation="sideways")
 
@@ -191,3 +194,22 @@ def test_prefill_reports_scoring():
     ctx = api.prefill(lm, "some words " * 20, method="snapkv", budget=0.5, chunk_size=32, questions=["why?"])
     assert ctx.report().scoring == "question"
     assert api.prefill(lm, "some words " * 20, method="streaming", budget=0.5).report().scoring is None
+
+
+def test_budget_text_carries_the_allocation():
+    from kvcli.api.settings import load_preset, resolve_settings
+    from kvcli.core import defaults
+    from kvcli.core.budget import parse_budget
+
+    assert parse_budget("0.5") == Budget(ratio=0.5)  # the library's default: uniform
+    assert parse_budget("0.5:global") == Budget(ratio=0.5, allocation="global")
+    assert str(parse_budget("40:global")) == "40:global" and str(parse_budget("1:global")) == "1"
+    assert parse_budget(str(parse_budget("0.35", "global"))) == Budget(ratio=0.35, allocation="global")
+    with pytest.raises(KvcliError, match="allocation"):
+        parse_budget("0.5:sideways")
+    # the command line's default (measured: docs/scoring.md) for methods that rank entries only
+    assert resolve_settings(method="snapkv", budget="0.5").budget.allocation == defaults.ALLOCATION
+    assert resolve_settings(method="snapkv", budget="0.5:uniform").budget.allocation == "uniform"
+    assert resolve_settings(method="streaming", budget="0.5").budget.allocation == "uniform"
+    assert load_preset("balanced").budget.allocation == defaults.ALLOCATION
+    assert load_preset("streaming").budget.allocation == "uniform"

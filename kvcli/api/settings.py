@@ -26,7 +26,7 @@ SCORING_NAMES = ("auto", *defaults.SCORINGS)
 @dataclass
 class Settings:
     method: str = defaults.METHOD
-    budget: Budget = field(default_factory=lambda: parse_budget(defaults.BUDGET))
+    budget: Budget = field(default_factory=lambda: parse_budget(defaults.BUDGET, defaults.ALLOCATION))
     chunk_size: int = defaults.CHUNK_SIZE
     options: dict = field(default_factory=dict)
     scoring: str = defaults.SCORING  # see kvcli.engine.scoring; auto is resolved at prefill
@@ -59,6 +59,18 @@ def load_preset(ref: str) -> Settings:
     if unknown:
         raise KvcliError(f"preset {path}: unknown key {unknown[0]!r} (allowed: {', '.join(sorted(KEYS))})")
     s = Settings(preset=str(ref), description=str(data.get("description", "")))
+    return _ranked_or_uniform(_fill_preset(s, data, path))
+
+
+def _ranked_or_uniform(s: Settings) -> Settings:
+    """A method that ranks nothing (streaming, plain PoD, PoD with a scored inner method)
+    shares its budget uniformly whatever the allocation says (the engine does the same)."""
+    if s.budget.allocation != "uniform" and not make_method(s.method, **s.options).ranks_entries:
+        s.budget = replace(s.budget, allocation="uniform")
+    return s
+
+
+def _fill_preset(s: Settings, data: dict, path: Path) -> Settings:
     if "method" in data:
         if data["method"] not in method_names():
             raise KvcliError(
@@ -67,7 +79,7 @@ def load_preset(ref: str) -> Settings:
         s.method = data["method"]
     if "budget" in data:
         try:
-            s.budget = parse_budget(data["budget"])
+            s.budget = parse_budget(data["budget"], defaults.ALLOCATION)
         except KvcliError as exc:
             raise KvcliError(f"preset {path}: key 'budget': {exc}") from None
     if "allocation" in data:
@@ -129,7 +141,7 @@ def resolve_settings(
         s.chunk_size = chunk_size
     s.options.update(normalize_options(s.method, split_options(options or {}, [s.method])[s.method]))
     make_method(s.method, **s.options)  # a bad option: a clear error now
-    return s
+    return _ranked_or_uniform(s)
 
 
 def check_scoring(name: object) -> str:

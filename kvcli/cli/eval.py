@@ -208,8 +208,8 @@ def eval_command(
     if chunk_size is not None:
         checks.chunk_size("--chunk-size", chunk_size)
     names = parse_methods(methods, method_names() if full else list(defaults.HEADLINE_METHODS))
-    for b in parse_list(budgets, "--budgets"):
-        parse_budget(b)
+    # A budget without ":ALLOCATION" gets the command line's default allocation.
+    budget_list = [str(parse_budget(b, defaults.ALLOCATION)) for b in parse_list(budgets, "--budgets")]
     scored = [m for m in names if m != "full"]
     for m, opts in split_options(parse_options(option), scored).items():
         make_method(m, **opts)
@@ -234,7 +234,7 @@ def eval_command(
 
     settings = runner.EvalSettings(
         methods=names,
-        budgets=parse_list(budgets, "--budgets"),
+        budgets=budget_list,
         chunk_size=defaults.CHUNK_SIZE if chunk_size is None else chunk_size,
         scorings=_scorings(scoring, query_aware),
         method_options=parse_options(option),

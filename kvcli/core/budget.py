@@ -38,15 +38,18 @@ class Budget:
 
     def __str__(self) -> str:
         size = str(self.tokens) if self.tokens is not None else f"{self.ratio:g}"
-        return size if self.allocation == "uniform" else f"{size}:{self.allocation}"
+        # (the whole cache has nothing to allocate: plain "1")
+        return size if self.allocation == "uniform" or self.is_full else f"{size}:{self.allocation}"
 
 
 FULL = Budget(ratio=1.0)
 
 
-def parse_budget(value: str | float | int) -> Budget:
+def parse_budget(value: str | float | int, allocation: str = "uniform") -> Budget:
     """Parse ``0.5`` (ratio), ``1``/``1.0`` (everything) or ``2048`` (entries), each optionally
-    followed by ``:ALLOCATION`` (``0.5:global``; ``str(budget)`` writes it back that way)."""
+    followed by ``:ALLOCATION`` (``0.5:global``; ``str(budget)`` writes it back that way);
+    ``allocation`` applies when the text names none (the library's default is ``uniform``,
+    the command line's ``defaults.ALLOCATION``)."""
     text = str(value).strip()
     if ":" in text:
         size, _, allocation = text.partition(":")
@@ -62,10 +65,10 @@ def parse_budget(value: str | float | int) -> Budget:
     if not math.isfinite(number) or number <= 0:
         raise KvcliError(f"invalid budget {text!r}: it must be positive (a ratio in (0, 1] or a token count > 1)")
     if number <= 1:
-        return Budget(ratio=number)
+        return Budget(ratio=number, allocation=allocation)
     if number != int(number) or ("." in text and not text.endswith(".0")):
         raise KvcliError(f"invalid budget {text!r}: above 1 it is a token count and must be an integer")
-    return Budget(tokens=int(number))
+    return Budget(tokens=int(number), allocation=allocation)
 
 
 def check_chunk_size(chunk_size: int) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import inspect
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -20,7 +20,6 @@ from ..attention.stats import Collector, WindowStats
 from ..cache import CacheReport, KVCache, SharedKeyLayer
 from ..core import defaults
 from ..core.budget import FULL, Budget, check_chunk_size
-from ..core.errors import KvcliError
 from ..methods.base import Method
 from .sampler import Sampler
 from .scoring import Scoring
@@ -63,12 +62,9 @@ class Engine:
         self.method = method
         if not method.uses_budget:  # structural saving only (plain PoD): no token budget applies
             budget = FULL
-        if budget.allocation == "global" and not budget.is_full and not method.ranks_entries:
-            raise KvcliError(
-                f"allocation global ranks entries across layers: {method.label} does not rank entries "
-                "(use h2o, snapkv, cam or kvmerger, or allocation uniform)",
-                option="allocation",
-            )
+        if budget.allocation != "uniform" and not method.ranks_entries:
+            # Nothing to rank across layers (streaming, plain PoD): each layer keeps the same share.
+            budget = replace(budget, allocation="uniform")
         self.budget = budget
         self.chunk_size = chunk_size
         self.device = next(model.parameters()).device

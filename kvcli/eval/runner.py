@@ -293,7 +293,7 @@ def run_eval(
                             depth=it.depth,
                             sample=it.sample,
                             method=method,
-                            budget=str(budget),
+                            budget=str(ctx.engine.budget),  # what ran (a method that ranks nothing: uniform)
                             scoring=scoring,
                             score=score_answers(it.answers, it.metric, ans.text),
                             # JSON has no NaN/inf: an impossible answer (-inf) is reported as None
