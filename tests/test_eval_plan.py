@@ -98,7 +98,7 @@ def test_measure_speed(tiny_lm):
 
 
 def test_default_grids_are_small():
-    """A bare `eval` and `profile` are sized by the work they do (measured: docs/feedback.md):
+    """A bare `eval` and `profile` are sized by the work they do (planned work printed up front):
     a few minutes and about two minutes on an idle 2-core CPU at ~500 prefill tokens/s."""
     suite = SyntheticTasks()
     assert suite.kinds == ["niah_single"] and suite.samples == len(defaults.EVAL_DEPTHS)  # one needle per depth

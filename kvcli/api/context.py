@@ -208,7 +208,7 @@ class Context:
 
 def summary_sampler(temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None) -> Sampler:
     """The sampler a summary uses by default: the repetition guards in ``kvcli.core.defaults``
-    (measured in docs/summarize-repetition.md; answers keep plain decoding)."""
+    (the grid is measured by benchmarks/summary_repetition.py; answers keep plain decoding)."""
     return Sampler(
         temperature=temperature,
         top_p=top_p,

@@ -35,7 +35,7 @@ def open_document(path: str) -> Document:
     return load_document(path)
 
 
-#: What ``scoring="auto"`` picks, by measurement (README, "Scoring"): with the questions
+#: What ``scoring="auto"`` picks, by measurement (docs/scoring.md): with the questions
 #: known before prefill (the context then serves them only), and without.
 AUTO_WITH_QUESTIONS = "question"
 AUTO_WITHOUT_QUESTIONS = "recon"

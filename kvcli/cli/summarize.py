@@ -56,8 +56,8 @@ def summarize(
         float,
         typer.Option(
             "--repetition-penalty",
-            help="Divide the logits of tokens the summary already used by this (1 = off; measured: "
-            "docs/summarize-repetition.md).",
+            help="Divide the logits of tokens the summary already used by this (1 = off; measure with "
+            "benchmarks/summary_repetition.py).",
         ),
     ] = defaults.SUMMARY_REPETITION_PENALTY,
     no_repeat_ngram: Annotated[

@@ -14,7 +14,7 @@ BUDGET = "1.0"
 ALLOCATION = "global"  # how the CLI and presets share a budget among layers (docs/scoring.md, measured)
 SCORING = "auto"  # where scored methods' statistics come from (kvcli.engine.scoring)
 SCORINGS = ("window", "recon", "question", "recon+question")  # what "auto" chooses between
-CHUNK_SIZE = 512  # prefill chunk in tokens (measured: README, "Prefill and decode speed")
+CHUNK_SIZE = 512  # prefill chunk in tokens (measured: docs/measurements.md, "Prefill and decode speed")
 N_SINK = 4  # attention sinks every token-selecting method keeps
 POD_N_SINK = 16  # PoD's proximal sinks (the paper's n_s)
 OBS_WINDOW = 64  # queries per chunk that attention statistics are collected from
@@ -23,7 +23,7 @@ QUESTION_RESERVE = 256  # positions kept free after the document for a question 
 
 ASK_MAX_NEW_TOKENS = 64
 SUMMARY_MAX_NEW_TOKENS = 200
-# Repetition guards for summaries (kvcli.engine.sampler; measured: docs/summarize-repetition.md)
+# Repetition guards for summaries (kvcli.engine.sampler; measure with benchmarks/summary_repetition.py)
 SUMMARY_REPETITION_PENALTY = 1.0
 SUMMARY_NO_REPEAT_NGRAM = 4
 
@@ -31,14 +31,14 @@ SUMMARY_NO_REPEAT_NGRAM = 4
 # two methods kvcli is built around, and SnapKV for the token-evicting baselines.
 HEADLINE_METHODS = ("full", "snapkv", "kvmerger", "pod")
 
-# kvcli profile (sized to about two minutes on an idle 2-core CPU: docs/feedback.md)
+# kvcli profile (sized to about two minutes on an idle 2-core CPU)
 PROFILE_BUDGET = "0.5"
 PROFILE_TOKENS = 4096  # generated haystack of a bare run
 PROFILE_FULL_TOKENS = 8192  # --full, and the --estimate context without --doc
 PROFILE_DECODE_TOKENS = 32
 PROFILE_QUESTION = "What is the main point of the document?"
 
-# kvcli eval: a small default grid (a few minutes: docs/feedback.md); --full: every method and task
+# kvcli eval: a small default grid (a few minutes; the plan printed first says how long); --full: every method and task
 EVAL_BUDGETS = "0.5"
 EVAL_TASKS = "niah_single"
 EVAL_LENGTHS = "2048,4096"

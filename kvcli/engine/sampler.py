@@ -1,7 +1,7 @@
 """Choosing the next token from logits: greedy by default, else seeded temperature / nucleus sampling.
 
 Two optional guards against the loops small base models fall into (``kvcli summarize``
-uses them; measured in docs/summarize-repetition.md).  Both look only at the tokens
+uses them; the grid is measured by benchmarks/summary_repetition.py).  Both look only at the tokens
 generated so far (``history``), never at the document, which a summary must be free to
 quote:
 
