@@ -124,7 +124,12 @@ def eval_command(
         ),
     ] = None,
     budgets: Annotated[
-        str, typer.Option("--budgets", help="Comma-separated budgets: ratios in (0, 1] or token counts.")
+        str,
+        typer.Option(
+            "--budgets",
+            help="Comma-separated budgets: ratios in (0, 1] or token counts, each optionally :global (the "
+            "default) or :uniform.",
+        ),
     ] = defaults.EVAL_BUDGETS,
     tasks: Annotated[
         str | None,

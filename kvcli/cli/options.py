@@ -42,7 +42,13 @@ DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto|float32|bfloat16|fl
 MethodOpt = Annotated[str | None, typer.Option("--method", "-m", help="Compression method (see `kvcli methods`).")]
 MethodsOpt = Annotated[str | None, typer.Option("--methods", help="Comma-separated methods (see `kvcli methods`).")]
 BudgetOpt = Annotated[
-    str | None, typer.Option("--budget", "-b", help="Ratio in (0, 1] of tokens seen, or a token count (integer > 1).")
+    str | None,
+    typer.Option(
+        "--budget",
+        "-b",
+        help="Ratio in (0, 1] of tokens seen, or a token count (integer > 1), optionally with the allocation: "
+        "0.5:global (default for methods that rank entries) or 0.5:uniform.",
+    ),
 ]
 PresetOpt = Annotated[
     str | None,
@@ -84,8 +90,8 @@ AllocationOpt = Annotated[
     str | None,
     typer.Option(
         "--allocation",
-        help="How the growing layers share the budget: uniform (each layer the same) or global (entries of all "
-        "layers ranked together, as KVzip does).",
+        help="How the growing layers share the budget: global (entries of all layers ranked together, as KVzip "
+        "does; the default, measured in docs/scoring.md) or uniform (each layer the same).",
     ),
 ]
 AttnOpt = Annotated[str, typer.Option("--attn", help="Attention backend: auto|sdpa|flash|triton.")]
