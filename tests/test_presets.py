@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from kvcli.api import settings as presets
 from kvcli.cli.app import app
+from kvcli.core.defaults import ALLOCATION
 from kvcli.core.errors import KvcliError
 from kvcli.methods import REGISTRY, method_names
 
@@ -50,9 +51,16 @@ def test_explicit_flags_override_a_preset(tmp_path):
         tmp_path, "description: mine\nmethod: kvmerger\nbudget: 0.4\nchunk_size: 128\noptions: {threshold: 0.8}\n"
     )
     s = presets.resolve_settings(preset=str(path))
-    assert (s.method, str(s.budget), s.chunk_size, s.options) == ("kvmerger", "0.4:global", 128, {"threshold": 0.8})
+    assert (s.method, str(s.budget), s.chunk_size, s.options) == (
+        "kvmerger",
+        str(presets.parse_budget("0.4", ALLOCATION)),
+        128,
+        {"threshold": 0.8},
+    )
     s = presets.resolve_settings(preset=str(path), options={"threshold": 0.9}, budget="300")
-    assert s.options == {"threshold": 0.9} and str(s.budget) == "300:global"  # the default allocation survives
+    assert s.options == {"threshold": 0.9} and s.budget == presets.parse_budget(
+        "300", ALLOCATION
+    )  # the default allocation survives
     s = presets.resolve_settings(preset=str(path), method="h2o")
     assert s.method == "h2o" and s.options == {}  # the preset's options belong to its own method
 
