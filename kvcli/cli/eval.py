@@ -127,8 +127,8 @@ def eval_command(
         str,
         typer.Option(
             "--budgets",
-            help="Comma-separated budgets: ratios in (0, 1] or token counts, each optionally :global (the "
-            "default) or :uniform.",
+            help="Comma-separated budgets: ratios in (0, 1] or token counts, each optionally :uniform (the "
+            "default) or :global.",
         ),
     ] = defaults.EVAL_BUDGETS,
     tasks: Annotated[

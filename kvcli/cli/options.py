@@ -47,7 +47,7 @@ BudgetOpt = Annotated[
         "--budget",
         "-b",
         help="Ratio in (0, 1] of tokens seen, or a token count (integer > 1), optionally with the allocation: "
-        "0.5:global (default for methods that rank entries) or 0.5:uniform.",
+        "0.5:uniform (the default) or 0.5:global.",
     ),
 ]
 PresetOpt = Annotated[
@@ -90,8 +90,8 @@ AllocationOpt = Annotated[
     str | None,
     typer.Option(
         "--allocation",
-        help="How the growing layers share the budget: global (entries of all layers ranked together, as KVzip "
-        "does; the default, measured in docs/scoring.md) or uniform (each layer the same).",
+        help="How the growing layers share the budget: uniform (each layer the same; the default, measured in "
+        "docs/scoring.md) or global (entries of all layers ranked together, as KVzip does).",
     ),
 ]
 AttnOpt = Annotated[str, typer.Option("--attn", help="Attention backend: auto|sdpa|flash|triton.")]
