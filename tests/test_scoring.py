@@ -179,7 +179,7 @@ def test_global_allocation_through_the_engine():
 
 
 def test_scoring_names_and_auto():
-    assert api.resolve_scoring("auto", has_questions=True) == "question"
+    assert api.resolve_scoring("auto", has_questions=True) == "recon"  # measured (docs/scoring.md)
     assert api.resolve_scoring("auto", has_questions=False) == "recon"
     with pytest.raises(KvcliError, match="needs the questions"):
         api.resolve_scoring("question", has_questions=False)
@@ -192,6 +192,10 @@ def test_prefill_reports_scoring():
     ctx = api.prefill(lm, "some words " * 20, method="snapkv", budget=0.5, chunk_size=32)
     assert ctx.report().scoring == "recon"
     ctx = api.prefill(lm, "some words " * 20, method="snapkv", budget=0.5, chunk_size=32, questions=["why?"])
+    assert ctx.report().scoring == "recon"  # auto: reconstruction even with the questions (measured)
+    ctx = api.prefill(
+        lm, "some words " * 20, method="snapkv", budget=0.5, chunk_size=32, questions=["why?"], scoring="question"
+    )
     assert ctx.report().scoring == "question"
     assert api.prefill(lm, "some words " * 20, method="streaming", budget=0.5).report().scoring is None
 

@@ -37,7 +37,7 @@ def open_document(path: str) -> Document:
 
 #: What ``scoring="auto"`` picks, by measurement (docs/scoring.md): with the questions
 #: known before prefill (the context then serves them only), and without.
-AUTO_WITH_QUESTIONS = "question"
+AUTO_WITH_QUESTIONS = "recon"  # measured >= question and recon+question (docs/scoring.md)
 AUTO_WITHOUT_QUESTIONS = "recon"
 
 

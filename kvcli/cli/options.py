@@ -82,8 +82,8 @@ ScoringOpt = Annotated[
     str | None,
     typer.Option(
         "--scoring",
-        help="Where scored methods get their statistics: auto (default: the questions when they are known "
-        "before prefill, else reconstruction), recon, question, recon+question, window.",
+        help="Where scored methods get their statistics: auto (default: reconstruction, measured at least as "
+        "good as scoring with the questions), recon, question, recon+question, window.",
     ),
 ]
 AllocationOpt = Annotated[
