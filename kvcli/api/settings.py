@@ -63,10 +63,8 @@ def load_preset(ref: str) -> Settings:
 
 
 def _ranked_or_uniform(s: Settings) -> Settings:
-    """A method that ranks nothing (streaming, plain PoD, PoD with a scored inner method)
-    shares its budget uniformly whatever the allocation says (the engine does the same)."""
-    if s.budget.allocation != "uniform" and not make_method(s.method, **s.options).ranks_entries:
-        s.budget = replace(s.budget, allocation="uniform")
+    """The budget as the method will run it (``Method.budget_for``, which the engine applies too)."""
+    s.budget = make_method(s.method, **s.options).budget_for(s.budget)
     return s
 
 
@@ -140,8 +138,8 @@ def resolve_settings(
         check_chunk_size(chunk_size)
         s.chunk_size = chunk_size
     s.options.update(normalize_options(s.method, split_options(options or {}, [s.method])[s.method]))
-    make_method(s.method, **s.options)  # a bad option: a clear error now
-    return _ranked_or_uniform(s)
+    s.budget = make_method(s.method, **s.options).budget_for(s.budget)  # a bad option: a clear error now
+    return s
 
 
 def check_scoring(name: object) -> str:

@@ -95,7 +95,7 @@ def ask(
             attn=attn,
             truncate=truncate,
             quiet=quiet or as_json,
-            questions=questions,  # known before prefill, and the context serves them only
+            questions=questions,  # known before prefill: question scorings use them
             status=status,
         )
         from ..api import Sampler

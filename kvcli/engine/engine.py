@@ -10,7 +10,7 @@ from __future__ import annotations
 import inspect
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 
@@ -62,10 +62,7 @@ class Engine:
         self.method = method
         if not method.uses_budget:  # structural saving only (plain PoD): no token budget applies
             budget = FULL
-        if budget.allocation != "uniform" and not method.ranks_entries:
-            # Nothing to rank across layers (streaming, plain PoD): each layer keeps the same share.
-            budget = replace(budget, allocation="uniform")
-        self.budget = budget
+        self.budget = method.budget_for(budget)
         self.chunk_size = chunk_size
         self.device = next(model.parameters()).device
         backend = resolve_backend(backend, self.device.type)  # auto -> this device's backend; errors if it cannot run

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import operator
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..core import defaults
@@ -78,6 +78,13 @@ class Method:
     def ranks_entries(self) -> bool:
         """``importance`` ranks a layer's entries, so the budget can be allocated across layers."""
         return self.needs_scores
+
+    def budget_for(self, budget: Budget) -> Budget:
+        """``budget`` as this method runs it: one that ranks nothing (streaming, plain PoD,
+        PoD with a scored inner method) shares it uniformly whatever the allocation says."""
+        if budget.allocation == "uniform" or self.ranks_entries:
+            return budget
+        return replace(budget, allocation="uniform")
 
     @classmethod
     def option_names(cls) -> list[str]:
