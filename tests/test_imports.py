@@ -164,3 +164,22 @@ def test_every_subpackage_is_installed():
     listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     packages = {module_name(p) for p in PACKAGE.rglob("__init__.py")}
     assert packages <= listed, packages - listed
+
+
+def test_repository_root_shadows_no_installed_package(tmp_path):
+    """Run from the repository root (``python -m pytest``, ``python -c``, profile's child
+    processes), the current directory comes first on ``sys.path``, and a top-level folder
+    with an ``__init__.py`` hides an installed package of the same name.  transformers
+    imports Hugging Face's ``kernels`` package, and our ``kernels/__init__.py`` once broke
+    every model load run from here; the Triton kernels now live one level down, in
+    ``kernels/kvcli_kernels``.  Any other top-level package must not share its name with
+    something installed (looked up from elsewhere, so that the repository is not on the path)."""
+    import subprocess
+    import sys
+
+    names = sorted(p.parent.name for p in ROOT.glob("*/__init__.py") if p.parent.name != "kvcli")
+    assert "kernels" not in names
+    code = "import importlib.util as u, sys; print([n for n in sys.argv[1:] if u.find_spec(n) is not None])"
+    out = subprocess.run([sys.executable, "-c", code, *names], cwd=tmp_path, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", f"top-level folders that shadow installed packages: {out.stdout.strip()}"
+    assert (ROOT / "kernels" / "kvcli_kernels" / "__init__.py").is_file()
