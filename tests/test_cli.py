@@ -261,3 +261,29 @@ def test_document_longer_than_model_truncate_json(cli, tiny_model_dir, long_doc)
     report = json.loads(res.out)
     assert report["context_tokens"] == 256
     assert report["truncated_tokens"] == 745
+
+
+def test_quiet_libraries_silences_tqdm_bars(tmp_path):
+    """transformers' GGUF conversion draws a plain tqdm bar (no Hugging Face switch reaches
+    it).  tqdm reads its environment when it is imported, so ``main`` quiets the libraries
+    before anything imports them: in a fresh process, a bar made after ``quiet_libraries``
+    writes nothing, and without it the same bar is drawn."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "if sys.argv[1] == 'quiet':\n"
+        "    from kvcli.cli.quiet import quiet_libraries; quiet_libraries()\n"
+        "from tqdm.auto import tqdm\n"
+        "for _ in tqdm(range(3), desc='converting'): pass\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TQDM_", "HF_HUB_", "TRANSFORMERS_"))}
+
+    def drawn(mode: str) -> str:
+        run = subprocess.run([sys.executable, "-c", code, mode], cwd=tmp_path, env=env, capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr
+        return run.stderr + run.stdout
+
+    assert "converting" in drawn("loud")
+    assert drawn("quiet") == ""

@@ -15,6 +15,7 @@ QUIET_ENV = {
     "TRANSFORMERS_VERBOSITY": "error",  # transformers' logger: errors only
     "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # the tqdm bars of transformers and huggingface_hub
+    "TQDM_DISABLE": "1",  # tqdm bars made outside those switches (transformers' GGUF conversion)
 }
 
 
