@@ -174,12 +174,16 @@ def test_repository_root_shadows_no_installed_package(tmp_path):
     every model load run from here; the Triton kernels now live one level down, in
     ``kernels/kvcli_kernels``.  Any other top-level package must not share its name with
     something installed (looked up from elsewhere, so that the repository is not on the path)."""
+    import os
     import subprocess
     import sys
 
     names = sorted(p.parent.name for p in ROOT.glob("*/__init__.py") if p.parent.name != "kvcli")
     assert "kernels" not in names
     code = "import importlib.util as u, sys; print([n for n in sys.argv[1:] if u.find_spec(n) is not None])"
-    out = subprocess.run([sys.executable, "-c", code, *names], cwd=tmp_path, capture_output=True, text=True, check=True)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # installed packages only
+    out = subprocess.run(
+        [sys.executable, "-c", code, *names], cwd=tmp_path, env=env, capture_output=True, text=True, check=True
+    )
     assert out.stdout.strip() == "[]", f"top-level folders that shadow installed packages: {out.stdout.strip()}"
     assert (ROOT / "kernels" / "kvcli_kernels" / "__init__.py").is_file()
