@@ -110,7 +110,10 @@ def save_context(ctx: Context, path: str | os.PathLike, force: bool = False) -> 
         raise RuntimeError(f"the context's header cannot be written as JSON: {exc}") from None
     header = kvcfile.sign(save(tensors, metadata={kvcfile.METADATA_KEY: text}), header)
     blob = save(tensors, metadata={kvcfile.METADATA_KEY: json.dumps(header, allow_nan=False)})
-    atomic_write_bytes(path, blob, replace=force)
+    try:
+        atomic_write_bytes(path, blob, replace=force)
+    except OSError as exc:
+        raise KvcliError(f"{path}: cannot write it ({exc.strerror or type(exc).__name__})", option="output") from None
     return SavedContext(path=path, file_bytes=len(blob), kv_bytes=header["kv_bytes"], header=header)
 
 
@@ -150,7 +153,10 @@ def method_from(saved: kvcfile.SavedFile) -> Method:
     if len(parts) == 2:
         if not isinstance(inner, dict):
             raise _bad(saved.name, f"method {label} has no options for {parts[1]}")
-        options = {**{f"{parts[0]}.{k}": v for k, v in opts.items()}, **{f"{parts[1]}.{k}": v for k, v in inner.items()}}
+        options = {
+            **{f"{parts[0]}.{k}": v for k, v in opts.items()},
+            **{f"{parts[1]}.{k}": v for k, v in inner.items()},
+        }
     else:
         options = opts
     try:
@@ -191,7 +197,9 @@ def template_from(saved: kvcfile.SavedFile) -> Template:
         raise _bad(saved.name, "template fields differ from this kvcli's")
     ok = all(isinstance(data[k], str) for k in ("prefix", "question_format", "summary_suffix"))
     ok = ok and isinstance(data["add_bos"], bool)
-    ok = ok and all(isinstance(v, list) and all(isinstance(s, str) for s in v) for v in (data["stop_answer"], data["stop_summary"]))
+    ok = ok and all(
+        isinstance(v, list) and all(isinstance(s, str) for s in v) for v in (data["stop_answer"], data["stop_summary"])
+    )
     if not ok or "{question}" not in data["question_format"]:
         raise _bad(saved.name, "template fields have the wrong types")
     try:
@@ -207,7 +215,11 @@ def stats_from(saved: kvcfile.SavedFile) -> PrefillStats:
     for name in PREFILL_FIELDS:
         value = data.get(name)
         want = type(getattr(stats, name))
-        if isinstance(value, bool) or not isinstance(value, int | float) or (want is int and not isinstance(value, int)):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or (want is int and not isinstance(value, int))
+        ):
             raise _bad(saved.name, f"prefill field {name!r} is missing or not a number")
         setattr(stats, name, want(value))
     return stats

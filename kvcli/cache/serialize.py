@@ -63,7 +63,8 @@ class _Reader:
     """Takes tensors from a saved state, each checked (shape, dtype), none left over."""
 
     def __init__(self, tensors: dict[str, torch.Tensor], device: torch.device, name: str) -> None:
-        self.tensors, self.device, self.name, self.used = tensors, device, name, set()
+        self.tensors, self.device, self.name = tensors, device, name
+        self.used: set[str] = set()
 
     def bad(self, why: str) -> KvcliError:
         return KvcliError(f"{self.name}: does not fit this model's cache ({why})")
@@ -73,7 +74,11 @@ class _Reader:
         if t is None:
             raise self.bad(f"tensor {key} is missing")
         got = tuple(t.shape)
-        if t.dtype != dtype or len(got) != len(shape) or any(s is not None and s != g for s, g in zip(shape, got)):
+        if (
+            t.dtype != dtype
+            or len(got) != len(shape)
+            or any(s is not None and s != g for s, g in zip(shape, got, strict=True))
+        ):
             want = "x".join("*" if s is None else str(s) for s in shape)
             raise self.bad(
                 f"tensor {key} is {str(t.dtype).removeprefix('torch.')} {list(got)}, "

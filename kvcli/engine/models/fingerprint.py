@@ -46,7 +46,9 @@ def tokenizer_hash(tokenizer: Any) -> str:
     if callable(vocab):
         digest.update(json.dumps(sorted(vocab().items()), ensure_ascii=True).encode())
     else:  # a stand-in without a vocabulary (tests): how it encodes a probe text
-        digest.update(json.dumps(tokenizer.encode("kvcli fingerprint 0123456789 ÄÖÜ", add_special_tokens=False)).encode())
+        digest.update(
+            json.dumps(tokenizer.encode("kvcli fingerprint 0123456789 ÄÖÜ", add_special_tokens=False)).encode()
+        )
     for name in ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id"):
         digest.update(f"{name}={getattr(tokenizer, name, None)};".encode())
     return digest.hexdigest()
