@@ -41,7 +41,14 @@ def doc_ids(n: int = DOC, seed: int = 0) -> torch.Tensor:
 def prefill(lm, method: str = "snapkv", budget: str = BUDGET, scoring: str = "window", n: int = DOC):
     options = POD_SMALL if method.startswith("pod") else None
     return api.prefill(
-        lm, doc_ids(n), method=method, budget=budget, chunk_size=CHUNK, raw=True, method_options=options, scoring=scoring
+        lm,
+        doc_ids(n),
+        method=method,
+        budget=budget,
+        chunk_size=CHUNK,
+        raw=True,
+        method_options=options,
+        scoring=scoring,
     )
 
 

@@ -59,7 +59,9 @@ def test_truncated_anywhere(saved, cut):
 
 
 @FUZZ
-@given(flips=st.lists(st.tuples(st.integers(min_value=0, max_value=10**9), st.integers(1, 255)), min_size=1, max_size=4))
+@given(
+    flips=st.lists(st.tuples(st.integers(min_value=0, max_value=10**9), st.integers(1, 255)), min_size=1, max_size=4)
+)
 def test_flipped_bytes(saved, flips):
     lm, data, tensors = saved
     bad = bytearray(data)
@@ -132,7 +134,9 @@ def test_forged_headers(saved, field, key, value, drop):
 
 
 @FUZZ
-@given(header=st.dictionaries(st.sampled_from(sorted(kvcfile.HEADER_FIELDS)), JSON, max_size=len(kvcfile.HEADER_FIELDS)))
+@given(
+    header=st.dictionaries(st.sampled_from(sorted(kvcfile.HEADER_FIELDS)), JSON, max_size=len(kvcfile.HEADER_FIELDS))
+)
 def test_headers_made_up_whole(saved, header):
     lm, data, _ = saved
     made = {"format": kvcfile.FORMAT, "format_version": kvcfile.FORMAT_VERSION, **header}
