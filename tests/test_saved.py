@@ -206,3 +206,21 @@ def test_append_continues_at_the_next_positions_under_the_budget(lms, tmp_path):
     again = api.load_context(lm, tmp_path / "both.kvc")
     assert greedy(again) == greedy(loaded)
     assert [s["tokens"] for s in again.sources] == [DOC, added]
+
+
+@pytest.mark.slow
+def test_embedded_model_answers_the_same_from_a_kvc(tmp_path):
+    """The real model (Gemma 3 270M, sliding layers), the example report, snapkv at 0.5 with
+    reconstruction scoring: the answer from the saved context is the answer after prefill."""
+    from pathlib import Path
+
+    lm = api.load_model(quiet=True)
+    doc = api.open_document(str(Path(__file__).resolve().parents[1] / "examples" / "lighthouse_report.md"))
+    ctx = api.prefill(lm, doc, method="snapkv", budget="0.5")
+    question = "In what year was the Tessaly Rock Lighthouse built?"
+    before = ctx.ask(question, max_new_tokens=12).tokens
+    saved = ctx.save(tmp_path / "report.kvc")
+    loaded = api.load_context(lm, tmp_path / "report.kvc")
+    assert loaded.ask(question, max_new_tokens=12).tokens == before
+    logits = lm.model.get_output_embeddings().weight.shape[0] * 4
+    assert saved.kv_bytes < saved.file_bytes < saved.kv_bytes + logits + 65_536
