@@ -26,7 +26,7 @@ from rich.markup import escape
 
 from .. import __version__
 from ..core.errors import KvcliError
-from . import ask, cache, calibrate, config, methods, models, presets, profile, summarize
+from . import ask, batch, cache, calibrate, config, methods, models, presets, profile, summarize
 from . import eval as eval_cmd
 from .options import err, error_line
 from .quiet import quiet_libraries
@@ -75,6 +75,7 @@ def _root(
 
 app.command("ask")(ask.ask)
 app.command("summarize")(summarize.summarize)
+app.command("batch")(batch.batch)
 app.command("methods")(methods.methods)
 app.command("presets")(presets.presets)
 app.command("profile")(profile.profile)
