@@ -133,7 +133,7 @@ def main() -> None:
     usage, aborts = _click_classes()
     stops: tuple[type[BaseException], ...] = (KeyboardInterrupt, *aborts)
     try:
-        code = app(standalone_mode=False, default_map=config.LazyDefaultMap())
+        code = app(args=batch.ray_argv(sys.argv[1:]), standalone_mode=False, default_map=config.LazyDefaultMap())
     except KvcliError as exc:
         _fail(error_line(exc), exc.exit_code)
     except usage as exc:

@@ -10,6 +10,7 @@ went on; each failed line says why).
 from __future__ import annotations
 
 import importlib.util
+import re
 import sys
 from typing import Annotated, Any
 
@@ -73,10 +74,8 @@ def batch(
         str | None,
         typer.Option(
             "--ray",
-            is_flag=False,
-            flag_value="local",
-            help="Run on a Ray cluster at ADDRESS (auto, host:6379, ray://host:10001); without ADDRESS, a local "
-            "Ray. Needs pip install 'kvcli[ray]'. Put it after the documents.",
+            help="Run on a Ray cluster at ADDRESS (auto, host:6379, ray://host:10001); --ray alone starts a local "
+            "Ray. Needs pip install 'kvcli[ray]'.",
         ),
     ] = None,
     kv_memory: Annotated[
@@ -192,6 +191,26 @@ def _run(paths: list[str], spec: Any, output: str | None, workers: int, ray: str
     )
     if summary.failed:
         raise typer.Exit(SOME_FAILED)
+
+
+# ---- --ray [ADDRESS] ------------------------------------------------------------------------------
+_ADDRESS_RE = re.compile(r"^(auto|local|[a-z][a-z0-9+.-]*://\S+|[A-Za-z0-9_.-]+:[0-9]+)$")
+
+
+def ray_argv(args: list[str]) -> list[str]:
+    """``--ray`` takes an optional ADDRESS (click options cannot): a ``batch`` command line's
+    bare ``--ray`` (not followed by ``auto``, ``local``, ``scheme://...`` or ``host:port``)
+    becomes ``--ray=local``, so a document after it stays a document."""
+    if "batch" not in args:
+        return args
+    out = list(args)
+    start = out.index("batch") + 1
+    for i in range(start, len(out)):
+        if out[i] == "--":
+            break
+        if out[i] == "--ray" and (i + 1 >= len(out) or not _ADDRESS_RE.match(out[i + 1])):
+            out[i] = "--ray=local"
+    return out
 
 
 # ---- display ---------------------------------------------------------------------------------------
