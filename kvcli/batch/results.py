@@ -21,12 +21,19 @@ from ..core.errors import KvcliError
 from ..core.fileio import new_file_mode
 
 
+#: How every line starts (``json.dumps`` of a dict whose first key is ``kind``): only a
+#: cut-off tail that starts so is ours to remove.
+LINE_START = b'{"kind": "'
+
+
 def read_results(path: str | os.PathLike) -> tuple[list[dict], int]:
     """``(the whole lines as objects, the byte length they span)``; a last line without its
-    newline (a cut-off write) is not counted.  A whole line that is not a JSON object means
+    newline (a cut-off write of ours) is not counted.  A whole line that is not a JSON object means
     the file is not a batch's results: an error, so nothing is appended to someone else's file."""
     data = Path(path).read_bytes()
     end = data.rfind(b"\n") + 1
+    if end < len(data) and not data[end:].startswith(LINE_START[: len(data) - end]):
+        raise KvcliError(f"{path}: its last line is not one kvcli writes; is this a kvcli batch results file?")
     rows = []
     for no, line in enumerate(data[:end].split(b"\n")[:-1], 1):
         if not line.strip():
@@ -37,6 +44,8 @@ def read_results(path: str | os.PathLike) -> tuple[list[dict], int]:
             row = None
         if not isinstance(row, dict):
             raise KvcliError(f"{path}: line {no} is not a JSON object; is this a kvcli batch results file?")
+        if "kind" not in row:
+            raise KvcliError(f"{path}: line {no} has no \"kind\"; is this a kvcli batch results file?")
         rows.append(row)
     return rows, end
 
