@@ -20,7 +20,6 @@ from typing import IO, Self
 from ..core.errors import KvcliError
 from ..core.fileio import new_file_mode
 
-
 #: How every line starts (``json.dumps`` of a dict whose first key is ``kind``): only a
 #: cut-off tail that starts so is ours to remove.
 LINE_START = b'{"kind": "'
@@ -45,7 +44,7 @@ def read_results(path: str | os.PathLike) -> tuple[list[dict], int]:
         if not isinstance(row, dict):
             raise KvcliError(f"{path}: line {no} is not a JSON object; is this a kvcli batch results file?")
         if "kind" not in row:
-            raise KvcliError(f"{path}: line {no} has no \"kind\"; is this a kvcli batch results file?")
+            raise KvcliError(f'{path}: line {no} has no "kind"; is this a kvcli batch results file?')
         rows.append(row)
     return rows, end
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import re
 import sys
+import time
 from typing import Annotated, Any
 
 import typer
@@ -221,6 +222,8 @@ class LogView:
         self.runner = runner
         runner.on_status = self.status
         self.eta: Eta | None = None
+        self.since = time.perf_counter()
+        self.tokens = self.tokens_before = self.bytes_done = 0
 
     def __enter__(self) -> LogView:
         return self
@@ -232,8 +235,26 @@ class LogView:
         err.print(text, highlight=False, soft_wrap=True, markup=False)
 
     def status(self, text: str) -> None:
-        if text != "running":
+        if text == "running":
+            self.running()
+        else:
             self.say(f"batch: {text}")
+
+    def running(self) -> None:
+        """The workers are ready: rates and the ETA count from now (not the model's loading)."""
+        self.since = time.perf_counter()
+        self.tokens_before = self.tokens
+        if self.eta is not None:
+            self.eta = Eta(self.eta.totals)
+            self.eta.done["bytes"] = self.bytes_done
+            self.eta.totals["bytes"] = max(self.bytes_done + 1, self.eta.totals["bytes"])
+
+    def rate(self, progress: Any) -> str:
+        self.tokens, self.bytes_done = progress.tokens, progress.bytes_done
+        if self.eta is not None:
+            self.eta.record("bytes", progress.bytes_done - self.eta.done.get("bytes", 0))
+        seconds = time.perf_counter() - self.since
+        return f"{(progress.tokens - self.tokens_before) / seconds if seconds > 0 else 0:,.0f} tok/s"
 
     def plan(self, planned: Any) -> None:
         todo = len(planned.todo) + len(planned.unreadable)
@@ -242,13 +263,11 @@ class LogView:
         self.say(f"batch: {todo} documents to run{skipped}; {self.runner.label}, {self.runner.workers} worker(s)")
 
     def line(self, line: dict, progress: Any) -> None:
-        if self.eta is not None:
-            self.eta.record("bytes", progress.bytes_done - self.eta.done.get("bytes", 0))
+        rate = self.rate(progress)
         head = f"[{progress.done}/{progress.total}] {line.get('path')}"
         if "error" in line:
             self.say(f"{head}: error: {line['error']}")
         else:
-            rate = f"{progress.tokens_per_second:,.0f} tok/s"
             eta = self.eta.text() if self.eta else ""
             tokens = f"{line.get('context_tokens', 0):,} tokens"
             self.say(f"{head}: {tokens}, {line.get('seconds', 0):.1f} s ({rate}, {eta})")
@@ -287,6 +306,9 @@ class LiveView(LogView):
         self.bar.stop()
 
     def status(self, text: str) -> None:
+        if text == "running":
+            self.running()
+            text = "batch"
         self.bar.update(self.task, description=text)
 
     def plan(self, planned: Any) -> None:
@@ -296,8 +318,7 @@ class LiveView(LogView):
             self.bar.console.print(f"batch: {len(planned.skipped)} documents done already (skipped)")
 
     def line(self, line: dict, progress: Any) -> None:
-        if self.eta is not None:
-            self.eta.record("bytes", progress.bytes_done - self.eta.done.get("bytes", 0))
+        rate = self.rate(progress)
         if "error" in line:
             self.bar.console.print(f"[red]error:[/] {line['error']}", highlight=False, markup=True)
         failed = f", {progress.failed} failed" if progress.failed else ""
@@ -305,5 +326,5 @@ class LiveView(LogView):
             self.task,
             completed=progress.done,
             description="batch",
-            info=f"{progress.tokens_per_second:,.0f} tok/s{failed}",
+            info=f"{rate}{failed}",
         )
