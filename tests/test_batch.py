@@ -254,6 +254,23 @@ def test_kv_memory_chooses_the_budget(cli, tmp_path, tiny_model):
     assert "holds 3 entries per layer" in lines_of(out)[-2]["error"]
 
 
+def test_save_contexts_for_a_later_ask(cli, tmp_path, tiny_model):
+    doc = words_doc(tmp_path / "d.txt", 4)
+    out, folder = tmp_path / "r.jsonl", tmp_path / "contexts"
+    args = ["batch", doc, "--ask", "w1 w2", "--model", tiny_model, "--output", out, *FAST]
+    assert cli(*args, "--save-contexts", folder).code == 0
+    row = lines_of(out)[0]
+    saved = Path(row["context_file"])
+    assert saved.parent == folder and saved.stat().st_size == row["context_file_bytes"]
+    res = cli("ask", saved, "w1 w2", "--model", tiny_model, "--max-new-tokens", "3", "--json")
+    assert res.code == 0, res.err
+    assert json.loads(res.out)["answers"] == row["answers"]  # the saved context answers as the batch did
+    saved.unlink()  # done, but its context is gone: a rerun that saves contexts runs it again
+    assert cli(*args).code == 0 and lines_of(out)[-1]["skipped"] == 1
+    assert cli(*args, "--save-contexts", folder).code == 0 and lines_of(out)[-1]["done"] == 1
+    assert saved.is_file()
+
+
 def test_ctrl_c_exits_130_with_whole_lines(cli, tmp_path, tiny_model, monkeypatch):
     from kvcli.batch import work
 

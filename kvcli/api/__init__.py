@@ -5,6 +5,8 @@
     ctx = api.prefill(lm, api.open_document("doc.txt"), method="h2o", budget=0.5)
     print(ctx.ask("Who wrote it?").text)
     print(ctx.report().kv_bytes)
+    ctx.save("doc.kvc")                      # later, in another process:
+    ctx = api.load_context(lm, "doc.kvc")    # no prefill; the same answers
 
 The CLI is a thin layer over this package; tests and benchmarks use it directly.
 """
@@ -19,7 +21,9 @@ if TYPE_CHECKING:
     from ..engine.sampler import Sampler
     from .context import Answer, Context
     from .prefilling import DocumentTooLong, open_document, prefill, resolve_scoring
+    from .reloading import append_document, load_context
     from .report import PrefillReport
+    from .saved import SavedContext
 
 #: Where each name lives.  Loaded on first use (PEP 562), so that ``kvcli.api.settings``
 #: (presets, option checks) imports without torch: the CLI checks its arguments first.
@@ -35,6 +39,9 @@ _WHERE = {
     "prefill": ".prefilling",
     "resolve_scoring": ".prefilling",
     "PrefillReport": ".report",
+    "load_context": ".reloading",
+    "append_document": ".reloading",
+    "SavedContext": ".saved",
 }
 
 
@@ -53,6 +60,9 @@ __all__ = [
     "LoadedModel",
     "PrefillReport",
     "Sampler",
+    "SavedContext",
+    "append_document",
+    "load_context",
     "load_model",
     "open_document",
     "prefill",

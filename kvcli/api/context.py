@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import resource
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -16,6 +18,9 @@ from ..engine.engine import Engine
 from ..engine.models import LoadedModel
 from ..engine.sampler import Sampler
 from .report import PrefillReport
+
+if TYPE_CHECKING:
+    from .saved import SavedContext
 
 
 def peak_rss_bytes() -> int:
@@ -48,6 +53,7 @@ class Context:
     truncated: int = 0
     answers: list[Answer] = field(default_factory=list)
     decode_seconds: float = 0.0
+    sources: list[dict] = field(default_factory=list)  # {name, sha256, tokens}: what was prefilled, in order
 
     @property
     def tokenizer(self):
@@ -174,6 +180,14 @@ class Context:
         finally:
             self.engine.cache.rollback(mark)
         return total / max(1, target.numel())
+
+    def save(self, path: str | os.PathLike, force: bool = False) -> SavedContext:
+        """Write the context to a ``.kvc`` file (``kvcli.api.saved``): ``api.load_context``
+        reads it back, for answers token-identical to this context's.  An existing file is
+        replaced only with ``force``; the write is atomic."""
+        from .saved import save_context
+
+        return save_context(self, path, force=force)
 
     def report(self) -> PrefillReport:
         """Measured figures for ``--json`` and benchmarks (bytes counted from tensors)."""

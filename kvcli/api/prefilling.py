@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 
@@ -126,4 +129,26 @@ def prefill(
             "use float32 or bfloat16",
             option="dtype",
         )
-    return Context(lm=lm, engine=engine, template=template, context_tokens=ids.shape[1], truncated=truncated)
+    source = source_entry(document, ids.shape[1])
+    return Context(
+        lm=lm,
+        engine=engine,
+        template=template,
+        context_tokens=ids.shape[1],
+        truncated=truncated,
+        sources=[source],
+    )
+
+
+def source_entry(document: Document | str | list[int] | torch.Tensor, tokens: int) -> dict:
+    """What a saved context records of a document: its file name (not the directories) and
+    the sha256 of its raw bytes; for text or ids given in Python, their sha256."""
+    if isinstance(document, Document):
+        name = "stdin" if document.source == "stdin" else Path(document.source).name
+        digest = document.sha256 or hashlib.sha256(document.text.encode()).hexdigest()
+    elif isinstance(document, str):
+        name, digest = "text", hashlib.sha256(document.encode()).hexdigest()
+    else:
+        ids = torch.as_tensor(document, dtype=torch.long).view(-1).tolist()
+        name, digest = "token ids", hashlib.sha256(json.dumps(ids).encode()).hexdigest()
+    return {"name": name, "sha256": digest, "tokens": int(tokens)}

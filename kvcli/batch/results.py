@@ -49,12 +49,16 @@ def read_results(path: str | os.PathLike) -> tuple[list[dict], int]:
     return rows, end
 
 
-def done_keys(rows: list[dict]) -> set[tuple[str, str]]:
-    """``(sha256, settings key)`` of every document that succeeded (failed ones run again)."""
+def done_keys(rows: list[dict], contexts: bool = False) -> set[tuple[str, str]]:
+    """``(sha256, settings key)`` of every document that succeeded (failed ones run again);
+    with ``contexts``, only those whose saved context (``--save-contexts``) is still there."""
     return {
         (str(r.get("sha256")), str(r.get("settings")))
         for r in rows
-        if r.get("kind") == "document" and "error" not in r and r.get("sha256")
+        if r.get("kind") == "document"
+        and "error" not in r
+        and r.get("sha256")
+        and (not contexts or os.path.isfile(str(r.get("context_file") or "")))
     }
 
 

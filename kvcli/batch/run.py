@@ -54,9 +54,10 @@ class BatchSummary:
         return asdict(self)
 
 
-def plan(paths: list[str], spec: BatchSpec, previous: list[dict]) -> Planned:
-    """Read every document once (its sha256) and sort it: to do, done already, unreadable."""
-    done = done_keys(previous)
+def plan(paths: list[str], spec: BatchSpec, previous: list[dict], contexts: bool = False) -> Planned:
+    """Read every document once (its sha256) and sort it: to do, done already, unreadable.
+    ``contexts``: a document counts as done only with its saved context still on disk."""
+    done = done_keys(previous, contexts)
     key = spec.key()
     out = Planned()
     seen: set[str] = set()
@@ -108,7 +109,7 @@ def run_batch(
     summary line) through ``writer`` (already open).  ``on_line``: called after each line
     is on disk."""
     key = spec.key()
-    planned = plan(paths, spec, writer.previous)
+    planned = plan(paths, spec, writer.previous, contexts=runner.hook is not None)
     if on_plan is not None:
         on_plan(planned)
     progress = Progress(total=len(planned.todo) + len(planned.unreadable), total_bytes=planned.total_bytes)

@@ -55,6 +55,25 @@ def error_text(exc: BaseException) -> str:
     return f"internal error: {type(exc).__name__}: {msg} (a bug in kvcli: please report it)"
 
 
+class SaveContexts:
+    """``--save-contexts DIR``: each document's context written as ``DIR/<name>-<sha256[:12]>.kvc``
+    (for a later ``kvcli ask``), by the worker, so ``DIR`` must be reachable from the workers
+    (on a Ray cluster: a shared filesystem).  The line gets ``context_file`` and
+    ``context_file_bytes``; a rerun with other settings replaces the file."""
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        self.folder = os.path.abspath(folder)
+
+    def path_for(self, task: DocTask) -> str:
+        stem = os.path.splitext(os.path.basename(task.path))[0] or "document"
+        return os.path.join(self.folder, f"{stem}-{task.sha256[:12]}.kvc")
+
+    def __call__(self, ctx: Context, task: DocTask, line: dict) -> None:
+        saved = ctx.save(self.path_for(task), force=True)
+        line["context_file"] = str(saved.path)
+        line["context_file_bytes"] = saved.file_bytes
+
+
 class Worker:
     """Holds the model; ``run(task)`` is one document's line."""
 

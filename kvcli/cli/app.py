@@ -11,8 +11,8 @@ lists them.  ``main`` owns the exit status (README, "Exit status"):
 * 130 interrupted (Ctrl-C): one line, ``kvcli: interrupted``; files kvcli writes are
   written whole or not at all (``core.fileio.atomic_write_text``).
 
-Nothing here imports torch: ``--help``, ``--version``, ``methods``, ``presets`` and
-``config`` stay fast, and argument errors are reported before the model's libraries load.
+Nothing here imports torch: ``--help``, ``--version``, ``methods``, ``presets``,
+``config`` and ``info`` stay fast, and argument errors are reported before the model's libraries load.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from rich.markup import escape
 
 from .. import __version__
 from ..core.errors import KvcliError
-from . import ask, batch, cache, calibrate, config, methods, models, presets, profile, summarize
+from . import ask, batch, cache, calibrate, compress, config, info, methods, models, presets, profile, summarize
 from . import eval as eval_cmd
 from .options import err, error_line
 from .quiet import quiet_libraries
@@ -75,6 +75,8 @@ def _root(
 
 app.command("ask")(ask.ask)
 app.command("summarize")(summarize.summarize)
+app.command("compress")(compress.compress)
+app.command("info")(info.info)
 app.command("batch")(batch.batch)
 app.command("methods")(methods.methods)
 app.command("presets")(presets.presets)

@@ -9,8 +9,9 @@ import typer
 
 from ..core import defaults
 from ..core.errors import KvcliError
+from ..core.kvcfile import looks_saved
 from . import checks
-from .common import prefill_document
+from .common import given, open_saved, prefill_document, refuse_prefill_flags
 from .config import run_settings
 from .options import (
     AllocationOpt,
@@ -47,7 +48,11 @@ QueryAwareOpt = Annotated[
 
 
 def ask(
-    document: Annotated[str, typer.Argument(help="Document: .txt .md .pdf .html, or - for stdin.")],
+    click_ctx: typer.Context,
+    document: Annotated[
+        str,
+        typer.Argument(help="Document: .txt .md .pdf .html, - for stdin, or a saved context (.kvc, `kvcli compress`)."),
+    ],
     questions: Annotated[list[str], typer.Argument(help="One or more questions; the document is prefilled once.")],
     model: ModelOpt = defaults.MODEL,
     method: MethodOpt = None,
@@ -72,32 +77,49 @@ def ask(
     """Answer questions about a document."""
     checks.generation(max_new_tokens, temperature, top_p)
     checks.run_options(device, dtype, attn)
-    if query_aware:
+    saved = looks_saved(document)
+    if saved:
+        refuse_prefill_flags(click_ctx, document)
+    if query_aware and not saved:
         if scoring not in (None, "question"):
             raise KvcliError(f"--query-aware means --scoring question; it contradicts --scoring {scoring}")
         scoring = "question"
-    settings = run_settings(
-        preset=preset,
-        method=method,
-        budget=budget,
-        chunk_size=chunk_size,
-        options=parse_options(option),
-        scoring=scoring,
-        allocation=allocation,
-    )
-    with RunStatus(not (quiet or as_json)) as status:
-        ctx = prefill_document(
-            document,
-            settings,
-            model=model,
-            device=device,
-            dtype=dtype,
-            attn=attn,
-            truncate=truncate,
-            quiet=quiet or as_json,
-            questions=questions,  # known before prefill: question scorings use them
-            status=status,
+    settings = None
+    if not saved:
+        settings = run_settings(
+            preset=preset,
+            method=method,
+            budget=budget,
+            chunk_size=chunk_size,
+            options=parse_options(option),
+            scoring=scoring,
+            allocation=allocation,
         )
+    with RunStatus(not (quiet or as_json)) as status:
+        if settings is None:
+            ctx = open_saved(
+                document,
+                model=model,
+                model_given=given(click_ctx, "model"),
+                device=device,
+                dtype=dtype,
+                attn=attn,
+                quiet=quiet or as_json,
+                status=status,
+            )
+        else:
+            ctx = prefill_document(
+                document,
+                settings,
+                model=model,
+                device=device,
+                dtype=dtype,
+                attn=attn,
+                truncate=truncate,
+                quiet=quiet or as_json,
+                questions=questions,  # known before prefill: question scorings use them
+                status=status,
+            )
         from ..api import Sampler
 
         sampler = Sampler(temperature=temperature, top_p=top_p, seed=seed)

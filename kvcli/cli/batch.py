@@ -13,6 +13,7 @@ import importlib.util
 import re
 import sys
 import time
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -85,6 +86,14 @@ def batch(
             "--kv-memory",
             help="Choose each document's budget so its compressed cache fits this size (200MB, 1.5GB, 512MiB), "
             "from the model's KV bytes per token; instead of --budget.",
+        ),
+    ] = None,
+    save_contexts: Annotated[
+        str | None,
+        typer.Option(
+            "--save-contexts",
+            help="Also write each document's context as DIR/<name>-<sha256>.kvc, for a later `kvcli ask` "
+            "(on a Ray cluster DIR must be on a filesystem the workers share).",
         ),
     ] = None,
     model: ModelOpt = defaults.MODEL,
@@ -160,21 +169,33 @@ def batch(
         dtype=dtype,
         attn=attn,
     )
-    _run(paths, spec, output, workers, ray, quiet)
+    if save_contexts is not None:
+        folder = Path(save_contexts)
+        if folder.exists() and not folder.is_dir():
+            raise KvcliError(f"--save-contexts {save_contexts}: not a directory")
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise KvcliError(f"--save-contexts {save_contexts}: cannot create it ({exc.strerror})") from None
+    _run(paths, spec, output, workers, ray, quiet, save_contexts)
 
 
-def _run(paths: list[str], spec: Any, output: str | None, workers: int, ray: str | None, quiet: bool) -> None:
+def _run(
+    paths: list[str], spec: Any, output: str | None, workers: int, ray: str | None, quiet: bool, contexts: str | None
+) -> None:
     from ..batch.results import ResultsWriter
     from ..batch.run import run_batch
     from ..batch.runners import InProcessRunner, ProcessRunner, RayRunner, Runner
+    from ..batch.work import SaveContexts
 
+    hook = SaveContexts(contexts) if contexts is not None else None
     runner: Runner
     if ray is not None:
-        runner = RayRunner(spec, workers, address=None if ray == "local" else ray)
+        runner = RayRunner(spec, workers, address=None if ray == "local" else ray, hook=hook)
     elif workers > 1:
-        runner = ProcessRunner(spec, workers)
+        runner = ProcessRunner(spec, workers, hook=hook)
     else:
-        runner = InProcessRunner(spec)
+        runner = InProcessRunner(spec, hook=hook)
     live = not quiet and sys.stdout.isatty() and err.is_terminal
     with ResultsWriter(output) as writer:  # opened (and locked) before any model library loads
         if writer.cut_bytes:

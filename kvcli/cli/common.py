@@ -103,3 +103,71 @@ def _prefill(
         )
     status.stage("reading the question" if questions else "starting the answer")
     return ctx
+
+
+# ---- saved contexts (.kvc) ----------------------------------------------------------------------------
+#: Flags that shape a prefill: a saved context keeps the ones it was compressed with.
+PREFILL_FLAGS = {
+    "method": "--method",
+    "budget": "--budget",
+    "preset": "--preset",
+    "option": "--option",
+    "scoring": "--scoring",
+    "allocation": "--allocation",
+    "query_aware": "--query-aware",
+    "chunk_size": "--chunk-size",
+    "truncate": "--truncate",
+}
+
+
+def given(click_ctx: Any, name: str) -> bool:
+    """Whether flag ``name`` was typed on the command line (not a default, nor the config file's)."""
+    get = getattr(click_ctx, "get_parameter_source", None)
+    source = get(name) if get is not None else None
+    return source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT", "PROMPT")
+
+
+def refuse_prefill_flags(click_ctx: Any, path: str, flags: dict[str, str] = PREFILL_FLAGS) -> None:
+    """A saved context was compressed already: a flag that would change how is an error."""
+    for name, flag in flags.items():
+        if name in click_ctx.params and given(click_ctx, name):
+            raise KvcliError(
+                f"{flag}: {path} is a saved context, compressed already (`kvcli info {path}` shows its settings); "
+                "give the document instead to compress it differently"
+            )
+
+
+def open_saved(
+    path: str,
+    *,
+    model: str,
+    model_given: bool,
+    device: str,
+    dtype: str,
+    attn: str,
+    quiet: bool,
+    status: RunStatus,
+) -> Context:
+    """A saved context: the file checked first (no torch), then its model loaded (the one it
+    names, unless ``--model`` says otherwise; its dtype unless ``--dtype`` says otherwise),
+    then its tensors."""
+    from ..core import kvcfile
+
+    saved, data = kvcfile.read(path)
+    header = saved.header
+    status.stage(f"loading {header['model']['ref'] if not model_given else model}", "libraries")
+    from ..api.reloading import context_from
+    from ..attention.backends import resolve_backend
+
+    backend = resolve_backend(attn, device)
+    lm = load_model(
+        model if model_given else header["model"]["ref"],
+        device,
+        header["dtype"] if dtype == "auto" else dtype,
+        quiet,
+        status,
+    )
+    status.stage("loading the saved context")
+    ctx = context_from(lm, saved, data, backend)
+    status.stage("reading the question")
+    return ctx

@@ -9,8 +9,9 @@ import typer
 
 from ..core import defaults
 from ..core.errors import KvcliError
+from ..core.kvcfile import looks_saved
 from . import checks
-from .common import prefill_document
+from .common import given, open_saved, prefill_document, refuse_prefill_flags
 from .config import run_settings
 from .options import (
     AllocationOpt,
@@ -39,7 +40,11 @@ from .status import RunStatus
 
 
 def summarize(
-    document: Annotated[str, typer.Argument(help="Document: .txt .md .pdf .html, or - for stdin.")],
+    click_ctx: typer.Context,
+    document: Annotated[
+        str,
+        typer.Argument(help="Document: .txt .md .pdf .html, - for stdin, or a saved context (.kvc, `kvcli compress`)."),
+    ],
     model: ModelOpt = defaults.MODEL,
     method: MethodOpt = None,
     budget: BudgetOpt = None,
@@ -78,27 +83,43 @@ def summarize(
     if no_repeat_ngram < 0:
         raise KvcliError(f"invalid --no-repeat-ngram {no_repeat_ngram}: it must be 0 (off) or more")
     checks.run_options(device, dtype, attn)
-    settings = run_settings(
-        preset=preset,
-        method=method,
-        budget=budget,
-        chunk_size=chunk_size,
-        options=parse_options(option),
-        scoring=scoring,
-        allocation=allocation,
-    )
-    with RunStatus(not (quiet or as_json)) as status:
-        ctx = prefill_document(
-            document,
-            settings,
-            model=model,
-            device=device,
-            dtype=dtype,
-            attn=attn,
-            truncate=truncate,
-            quiet=quiet or as_json,
-            status=status,
+    settings = None
+    if looks_saved(document):
+        refuse_prefill_flags(click_ctx, document)
+    else:
+        settings = run_settings(
+            preset=preset,
+            method=method,
+            budget=budget,
+            chunk_size=chunk_size,
+            options=parse_options(option),
+            scoring=scoring,
+            allocation=allocation,
         )
+    with RunStatus(not (quiet or as_json)) as status:
+        if settings is None:
+            ctx = open_saved(
+                document,
+                model=model,
+                model_given=given(click_ctx, "model"),
+                device=device,
+                dtype=dtype,
+                attn=attn,
+                quiet=quiet or as_json,
+                status=status,
+            )
+        else:
+            ctx = prefill_document(
+                document,
+                settings,
+                model=model,
+                device=device,
+                dtype=dtype,
+                attn=attn,
+                truncate=truncate,
+                quiet=quiet or as_json,
+                status=status,
+            )
         from ..api import Sampler
 
         write = status.first(emit)  # the status line goes when the summary starts

@@ -8,6 +8,7 @@ one-line KvcliError that names the file and says what is wrong.
 from __future__ import annotations
 
 import codecs
+import hashlib
 import io
 import logging
 import os
@@ -96,6 +97,7 @@ class Document:
     text: str
     source: str  # the path as given, or "stdin"
     kind: str  # "text", "markdown", "pdf" or "html"
+    sha256: str = ""  # of the raw bytes read (file or stdin): a saved context names its source by it
 
 
 def load_document(path: str | os.PathLike, stdin: typing.TextIO | typing.BinaryIO | None = None) -> Document:
@@ -146,7 +148,7 @@ def parse_document(data: bytes, name: str, by_content: bool = False) -> Document
     text = normalize(text)
     if not text.strip():
         raise KvcliError(f"{name}: document is empty")
-    return Document(text=text, source=name, kind=kind)
+    return Document(text=text, source=name, kind=kind, sha256=hashlib.sha256(data).hexdigest())
 
 
 def normalize(text: str) -> str:

@@ -50,6 +50,40 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return path
 
 
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, replace: bool = False) -> Path:
+    """Write ``data`` to ``path`` via a temporary file beside it, then put it in place: the
+    file is whole or absent.  Without ``replace`` an existing ``path`` is never replaced, even
+    by a race (a hard link, which fails if the name exists; a rename where links are not
+    supported, after a check)."""
+    from .errors import KvcliError
+
+    path = Path(path)
+    mode = new_file_mode(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+            os.fchmod(fh.fileno(), mode)
+        if replace:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                raise KvcliError(f"{path}: exists; kvcli does not replace it (use --force)", option="force") from None
+            except OSError:  # no hard links on this file system
+                if path.exists():
+                    raise KvcliError(
+                        f"{path}: exists; kvcli does not replace it (use --force)", option="force"
+                    ) from None
+                os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return path
+
+
 def read_text_file(path: str | os.PathLike, what: str, limit: int = 16 * 1024 * 1024) -> str:
     """A small UTF-8 text file the user named (questions, a preset, the config file), read
     safely: only a regular file (a FIFO or a device would block or never end), at most

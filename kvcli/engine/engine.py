@@ -148,6 +148,13 @@ class Engine:
         self.stats.seconds += time.perf_counter() - t0
         return self.context_logits()
 
+    def resume(self, last_logits: torch.Tensor, stats: PrefillStats) -> None:
+        """Continue from a restored cache (a saved context): decoding starts from
+        ``last_logits``, as right after the prefill that ``stats`` describes."""
+        self.last_logits = last_logits
+        stats.report = self.cache.report(next(self.model.parameters()).dtype)
+        self.stats = stats
+
     def context_logits(self) -> torch.Tensor:
         """Logits after the last prefilled token: where decoding starts."""
         if self.last_logits is None:

@@ -37,6 +37,7 @@ class LoadedModel:
     dtype: torch.dtype
     is_base: bool  # no chat template: use completion-style prompts
     answer_tokens: int = BASE_ANSWER_TOKENS  # new tokens a short answer needs (see above)
+    ref: str = ""  # what ``load_model`` was given (``--model``): how a saved context names the model to load
 
     @property
     def max_positions(self) -> int:
@@ -174,7 +175,14 @@ def load_model(
     else:
         is_base, answer, label = entry.is_base, entry.answer_tokens, entry.label
     return LoadedModel(
-        model=model, tokenizer=tok, name=label, device=dev, dtype=dt, is_base=is_base, answer_tokens=answer
+        model=model,
+        tokenizer=tok,
+        name=label,
+        device=dev,
+        dtype=dt,
+        is_base=is_base,
+        answer_tokens=answer,
+        ref=entry.name if entry is not None else str(path.resolve()) if Path(name).expanduser().is_dir() else name,
     )
 
 
