@@ -150,7 +150,7 @@ class ProcessRunner(Runner):
                     raise KvcliError(payload[0], option=payload[1])
                 if kind == "ready":
                     ready.add(wid)
-                    if len(ready) == self.workers:
+                    if len(ready) == 1:  # the first worker is at work: rates count from now
                         self.on_status("running")
                 else:
                     self.in_flight.pop(wid, None)
