@@ -6,6 +6,9 @@ then runs the same ``kvcli batch`` command over them once per configuration, eac
 fresh process with a fresh results file:
 
 * ``1 worker``: in the driver process (torch on every core);
+* ``1 worker, 1 thread``: the same with ``OMP_NUM_THREADS=1`` (on a machine shared with other
+  work, torch's threads spin against each other and the other processes: this is the fair
+  one-process baseline there);
 * ``2 workers``: ``--workers 2``, two local processes (torch threads split between them);
 * ``ray 2``: ``--workers 2 --ray``, two actors on a local Ray started by the run.
 
@@ -30,13 +33,20 @@ import os
 import platform
 import random
 import shlex
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-CONFIGS = {"1": ("1 worker", []), "2": ("2 workers", ["--workers", "2"]), "ray": ("ray 2", ["--workers", "2", "--ray"])}
+#: key -> (label, extra flags, extra environment)
+CONFIGS: dict[str, tuple[str, list[str], dict[str, str]]] = {
+    "1": ("1 worker", [], {}),
+    "1t": ("1 worker, 1 thread", [], {"OMP_NUM_THREADS": "1"}),
+    "2": ("2 workers", ["--workers", "2"], {}),
+    "ray": ("ray 2", ["--workers", "2", "--ray"], {}),
+}
 
 
 def make_corpus(folder: Path, docs: int, tokens: int, model: str, seed: int) -> list[tuple[str, str]]:
@@ -64,24 +74,38 @@ def make_corpus(folder: Path, docs: int, tokens: int, model: str, seed: int) -> 
     return planted
 
 
-def run_config(label: str, extra: list[str], base: list[str], out: Path, timeout: float) -> dict:
+def run_config(label: str, extra: list[str], env: dict, base: list[str], out: Path, timeout: float) -> dict:
+    """One configuration in a fresh process; past ``timeout`` it is stopped and what it
+    finished is reported (``timed_out``)."""
     cmd = [*base, "--output", str(out), "-q", *extra]
+    log = out.with_suffix(".log")
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    first = None
-    while proc.poll() is None:
-        if first is None and out.exists() and out.read_bytes().count(b"\n") >= 1:
-            first = time.perf_counter() - t0
-        if time.perf_counter() - t0 > timeout:
-            proc.kill()
-            raise SystemExit(f"{label}: over {timeout:.0f} s; stopped")
-        time.sleep(0.2)
+    with log.open("w") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env={**os.environ, **env})
+        first = None
+        timed_out = False
+        while proc.poll() is None:
+            if first is None and out.exists() and out.read_bytes().count(b"\n") >= 1:
+                first = time.perf_counter() - t0
+            if time.perf_counter() - t0 > timeout:
+                proc.send_signal(signal.SIGINT)  # kvcli stops with whole lines (exit 130)
+                proc.wait(timeout=60)
+                timed_out = True
+                break
+            time.sleep(0.2)
     wall = time.perf_counter() - t0
-    err = proc.stderr.read() if proc.stderr else ""
-    if proc.returncode != 0:
-        raise SystemExit(f"{label}: exit {proc.returncode}: {err.strip().splitlines()[-1:]}")
-    rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
-    return {"label": label, "wall_seconds": wall, "first_document_seconds": first, "rows": rows, "command": cmd}
+    if proc.returncode != 0 and not timed_out:
+        raise SystemExit(f"{label}: exit {proc.returncode}: {log.read_text().strip().splitlines()[-1:]}")
+    rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()] if out.exists() else []
+    return {
+        "label": label,
+        "wall_seconds": wall,
+        "first_document_seconds": first,
+        "timed_out": timed_out,
+        "rows": rows,
+        "command": cmd,
+        "env": env,
+    }
 
 
 def main() -> None:
@@ -89,7 +113,7 @@ def main() -> None:
     ap.add_argument("--docs", type=int, default=16)
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--model", default="smollm2")
-    ap.add_argument("--configs", default="1,2,ray", help="comma-separated: 1, 2, ray")
+    ap.add_argument("--configs", default="1,2,ray", help="comma-separated: 1, 1t, 2, ray")
     ap.add_argument("--method", default="snapkv")
     ap.add_argument("--budget", default="0.5")
     ap.add_argument("--max-new-tokens", type=int, default=24)
@@ -120,12 +144,12 @@ def main() -> None:
             str(args.max_new_tokens),
         ]
         for key in args.configs.split(","):
-            label, extra = CONFIGS[key.strip()]
+            label, extra, env = CONFIGS[key.strip()]
             print(f"{label}: running {args.docs} documents of ~{args.tokens} tokens ...", file=sys.stderr, flush=True)
-            res = run_config(label, extra, base, Path(tmp) / f"{key}.jsonl", args.timeout)
+            res = run_config(label, extra, env, base, Path(tmp) / f"{key}.jsonl", args.timeout)
             rows = res.pop("rows")
             docs = [r for r in rows if r["kind"] == "document"]
-            summary = [r for r in rows if r["kind"] == "summary"][-1]
+            summary = ([r for r in rows if r["kind"] == "summary"] or [None])[-1]
             ok = [r for r in docs if "error" not in r]
             found = sum(planted[Path(r["path"]).name] in r["answers"][0]["answer"] for r in ok)
             tokens = sum(r["context_tokens"] for r in ok)
@@ -158,6 +182,7 @@ def main() -> None:
         "budget": args.budget,
         "max_new_tokens": args.max_new_tokens,
         "cpus": os.cpu_count(),
+        "load_average_at_end": os.getloadavg(),
         "machine": platform.platform(),
         "command": " ".join(shlex.quote(a) for a in sys.argv),
         "ray_overhead_vs_processes": overhead,
@@ -165,9 +190,13 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=2), encoding="utf-8")
-    lines = [
+    head = (
         f"{args.docs} documents of ~{args.tokens} tokens, {args.model}, {args.method} @ {args.budget}, "
-        f"{args.max_new_tokens} new tokens, {os.cpu_count()} CPUs",
+        f"{args.max_new_tokens} new tokens, {os.cpu_count()} CPUs, load average at the end "
+        f"{os.getloadavg()[0]:.1f}"
+    )
+    lines = [
+        head,
         "",
         "| configuration | wall s | documents/h | tokens/s | first document s | mean s per document | facts found |",
         "|---|---|---|---|---|---|---|",
@@ -177,6 +206,7 @@ def main() -> None:
         lines.append(
             f"| {r['label']} | {r['wall_seconds']:.0f} | {r['documents_per_hour']:.0f} | {r['tokens_per_second']:.0f} "
             f"| {first} | {r['mean_document_seconds']:.1f} | {r['facts_found']}/{r['documents'] - r['failed']} |"
+            + (" stopped at the time limit |" if r["timed_out"] else "")
         )
     if overhead is not None:
         lines += ["", f"Ray (2 actors) against 2 local processes: {100 * overhead:+.0f}% wall time."]

@@ -254,10 +254,11 @@ class RayRunner(Runner):
         started = False
         if not ray.is_initialized():
             self.on_status(f"starting Ray{' at ' + self.address if self.address else ' (local)'}")
-            kwargs: dict[str, Any] = dict(logging_level=logging.ERROR, log_to_driver=False, include_dashboard=False)
-            if self.address:
+            kwargs: dict[str, Any] = dict(logging_level=logging.ERROR, log_to_driver=False)
+            if self.address:  # a cluster's own settings stand (resources, dashboard)
                 kwargs["address"] = self.address
             else:
+                kwargs["include_dashboard"] = False
                 kwargs["num_cpus"] = max(os.cpu_count() or 1, int(self.workers * self.cpus + 0.999))
             try:
                 ray.init(**kwargs)
