@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
 from rich.text import Text
 
@@ -199,7 +200,11 @@ def _run(
     live = not quiet and sys.stdout.isatty() and err.is_terminal
     with ResultsWriter(output) as writer:  # opened (and locked) before any model library loads
         if writer.cut_bytes:
-            err.print(f"{output}: removed a cut-off last line ({writer.cut_bytes} bytes) left by an interrupted run")
+            err.print(
+                f"{output}: removed a cut-off last line ({writer.cut_bytes} bytes) left by an interrupted run",
+                markup=False,
+                highlight=False,
+            )
         view = LiveView(runner) if live else LogView(runner)
         with view:
             summary = run_batch(paths, spec, runner, writer, on_line=view.line, on_plan=view.plan)
@@ -209,6 +214,7 @@ def _run(
         f"{summary.documents} documents; {summary.context_tokens:,} tokens in {clock_text(summary.seconds)} "
         f"({summary.tokens_per_second:,.0f} tok/s, {summary.documents_per_hour:,.0f} documents/h){where}",
         highlight=False,
+        markup=False,
         soft_wrap=True,
     )
     if summary.failed:
@@ -341,7 +347,7 @@ class LiveView(LogView):
     def line(self, line: dict, progress: Any) -> None:
         rate = self.rate(progress)
         if "error" in line:
-            self.bar.console.print(f"[red]error:[/] {line['error']}", highlight=False, markup=True)
+            self.bar.console.print(f"[red]error:[/] {escape(str(line['error']))}", highlight=False)
         failed = f", {progress.failed} failed" if progress.failed else ""
         self.bar.update(
             self.task,
