@@ -14,7 +14,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -291,7 +290,7 @@ def test_ctrl_c_exits_130_with_whole_lines(cli, tmp_path, tiny_model, monkeypatc
     assert [r["kind"] for r in lines_of(out)] == ["document", "document"]  # no summary, nothing half
 
 
-def test_kill_9_workers_2_then_resume_matches_one_worker(tmp_path, tiny_model):
+def test_kill_9_workers_2_then_resume_matches_one_worker(cli, tmp_path, tiny_model):
     """A 2-worker run killed with SIGKILL leaves whole lines only and its workers go; a rerun
     finishes the rest; every answer equals what one worker (this process) gives."""
     docs = tmp_path / "docs"
@@ -326,22 +325,13 @@ def test_kill_9_workers_2_then_resume_matches_one_worker(tmp_path, tiny_model):
         time.sleep(0.2)
     assert not [pid for pid in children if Path(f"/proc/{pid}").exists()]
 
-    from kvcli.cli.app import main
-
-    def run_here(*extra: str) -> int:
-        sys.argv = ["kvcli", *args[:-2], *FAST, "-q", *extra]
-        try:
-            main()
-        except SystemExit as exc:
-            return int(exc.code or 0)
-        return 0
-
-    assert run_here() == 0  # one worker, in this process: only what is left
+    res = cli(*args[:-2], *FAST, "-q")  # one worker, in this process: only what is left
+    assert res.code == 0, res.err
     resumed = lines_of(out)
     assert resumed[-1]["skipped"] == len(rows) and resumed[-1]["done"] == 24 - len(rows)
     one = tmp_path / "one.jsonl"
     args[args.index(str(out))] = str(one)
-    assert run_here() == 0
+    assert cli(*args[:-2], *FAST, "-q").code == 0
     assert {k: r["answers"] for k, r in documents(resumed).items()} == {
         k: r["answers"] for k, r in documents(lines_of(one)).items()
     }
