@@ -88,8 +88,14 @@ def run_config(label: str, extra: list[str], env: dict, base: list[str], out: Pa
             if first is None and out.exists() and out.read_bytes().count(b"\n") >= 1:
                 first = time.perf_counter() - t0
             if time.perf_counter() - t0 > timeout:
-                proc.send_signal(signal.SIGINT)  # kvcli stops with whole lines (exit 130)
-                proc.wait(timeout=60)
+                # kvcli stops with whole lines (exit 130), after the model forward it is in: on a
+                # loaded machine one 512-token chunk can take a minute; then it is killed.
+                proc.send_signal(signal.SIGINT)
+                try:
+                    proc.wait(timeout=180)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
                 timed_out = True
                 break
             time.sleep(0.2)
@@ -164,12 +170,17 @@ def main() -> None:
                 summary=summary,
             )
             results.append(res)
+            save(args, results)
             print(
                 f"  {res['wall_seconds']:.0f} s, {res['documents_per_hour']:.0f} documents/h, "
                 f"{res['tokens_per_second']:.0f} tok/s, facts {found}/{len(ok)}",
                 file=sys.stderr,
                 flush=True,
             )
+
+
+def save(args: argparse.Namespace, results: list[dict]) -> None:
+    """Write the JSON and the Markdown table (after every configuration: a later failure keeps them)."""
     by = {r["label"]: r for r in results}
     overhead = None
     if "ray 2" in by and "2 workers" in by:
@@ -211,7 +222,7 @@ def main() -> None:
     if overhead is not None:
         lines += ["", f"Ray (2 actors) against 2 local processes: {100 * overhead:+.0f}% wall time."]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    print("\n".join(lines))
+    print("\n".join(lines), file=sys.stderr)
 
 
 if __name__ == "__main__":
