@@ -111,7 +111,8 @@ def compress(
         target = Path(output) if output is not None else _default_output(document)
         replace = force
     _check_output(target, replace, document)
-    doc = load_document(document)  # a bad document fails before torch loads
+    # A bad document fails before torch loads (prefill_document opens it first as well).
+    doc = load_document(document) if append is not None else None
     quiet_run = quiet or as_json
     with RunStatus(not quiet_run) as status:
         if append is not None:
@@ -129,6 +130,7 @@ def compress(
 
             status.start_prefill()
             try:
+                assert doc is not None
                 append_document(ctx, doc, truncate=truncate, on_progress=status.prefill)
             except DocumentTooLong as exc:
                 raise KvcliError(

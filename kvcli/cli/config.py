@@ -116,6 +116,7 @@ PLAIN_KEYS = {
     "ask": ("model", "device", "dtype", "attn", "scoring"),
     "summarize": ("model", "device", "dtype", "attn", "scoring"),
     "batch": ("model", "device", "dtype", "attn", "scoring"),
+    "compress": ("model", "device", "dtype", "attn", "scoring"),
     "profile": ("model", "device", "dtype", "attn"),
     "eval": ("model", "device", "dtype", "attn", "chunk_size"),
     "calibrate": ("model", "device", "dtype", "attn", "chunk_size"),
