@@ -295,7 +295,7 @@ def test_kill_9_workers_2_then_resume_matches_one_worker(cli, tmp_path, tiny_mod
     finishes the rest; every answer equals what one worker (this process) gives."""
     docs = tmp_path / "docs"
     for i in range(24):
-        words_doc(docs / f"d{i:02d}.txt", i, n=120)
+        words_doc(docs / f"d{i:02d}.txt", i, n=200)  # slow enough to be killed mid-run
     out = tmp_path / "r.jsonl"
     args = ["batch", str(docs), "--ask", "w1 w2", "--model", str(tiny_model), "--output", str(out), "--workers", "2"]
     proc = subprocess.Popen(
