@@ -406,6 +406,9 @@ def test_fast_paths_import_no_torch(tmp_path, doc):
         ["summarize", "/dev/zero"],
         ["eval", "--methods", "nope"],
         ["profile", "--chunk-size", "0"],
+        ["batch", str(doc), "--ask", "q", "--summarize"],
+        ["batch", str(tmp_path / "*.none"), "--ask", "q"],
+        ["batch", str(doc), "--ask", "q", "--kv-memory", "lots"],
     ]
     script = (
         "import json, sys\n"

@@ -26,7 +26,7 @@ from rich.markup import escape
 
 from .. import __version__
 from ..core.errors import KvcliError
-from . import ask, cache, calibrate, compress, config, info, methods, models, presets, profile, summarize
+from . import ask, batch, cache, calibrate, compress, config, info, methods, models, presets, profile, summarize
 from . import eval as eval_cmd
 from .options import err, error_line
 from .quiet import quiet_libraries
@@ -77,6 +77,7 @@ app.command("ask")(ask.ask)
 app.command("summarize")(summarize.summarize)
 app.command("compress")(compress.compress)
 app.command("info")(info.info)
+app.command("batch")(batch.batch)
 app.command("methods")(methods.methods)
 app.command("presets")(presets.presets)
 app.command("profile")(profile.profile)
@@ -134,7 +135,7 @@ def main() -> None:
     usage, aborts = _click_classes()
     stops: tuple[type[BaseException], ...] = (KeyboardInterrupt, *aborts)
     try:
-        code = app(standalone_mode=False, default_map=config.LazyDefaultMap())
+        code = app(args=batch.ray_argv(sys.argv[1:]), standalone_mode=False, default_map=config.LazyDefaultMap())
     except KvcliError as exc:
         _fail(error_line(exc), exc.exit_code)
     except usage as exc:

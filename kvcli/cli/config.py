@@ -96,10 +96,10 @@ class Key:
 
 KEYS = (
     Key("model", "--model", defaults.MODEL, _text, "model: embedded, a local directory or a cached hub id"),
-    Key("method", "--method", defaults.METHOD, _method, "compression method (ask, summarize)"),
-    Key("budget", "--budget", defaults.BUDGET, _budget, "token budget (ask, summarize)"),
-    Key("preset", "--preset", None, _preset, "preset name or YAML file (ask, summarize)"),
-    Key("scoring", "--scoring", defaults.SCORING, _text, "where scored methods get statistics (ask, summarize)"),
+    Key("method", "--method", defaults.METHOD, _method, "compression method (ask, summarize, batch)"),
+    Key("budget", "--budget", defaults.BUDGET, _budget, "token budget (ask, summarize, batch)"),
+    Key("preset", "--preset", None, _preset, "preset name or YAML file (ask, summarize, batch)"),
+    Key("scoring", "--scoring", defaults.SCORING, _text, "where scored methods get statistics (ask, summarize, batch)"),
     Key("chunk_size", "--chunk-size", defaults.CHUNK_SIZE, _chunk, "prefill chunk in tokens"),
     Key("device", "--device", "auto", _choices(checks.DEVICES), "auto, cpu or cuda"),
     Key("dtype", "--dtype", "auto", _choices(checks.DTYPES), "auto, float32, bfloat16 or float16"),
@@ -115,6 +115,7 @@ PRESET_KEYS = ("preset", "method", "budget", "chunk_size")
 PLAIN_KEYS = {
     "ask": ("model", "device", "dtype", "attn", "scoring"),
     "summarize": ("model", "device", "dtype", "attn", "scoring"),
+    "batch": ("model", "device", "dtype", "attn", "scoring"),
     "compress": ("model", "device", "dtype", "attn", "scoring"),
     "profile": ("model", "device", "dtype", "attn"),
     "eval": ("model", "device", "dtype", "attn", "chunk_size"),

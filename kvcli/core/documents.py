@@ -109,21 +109,31 @@ def load_document(path: str | os.PathLike, stdin: typing.TextIO | typing.BinaryI
     """
     limit = max_document_bytes()
     if str(path) == "-":
-        name = "stdin"
-        data = _read_stream(stdin if stdin is not None else sys.stdin, limit)
+        return parse_document(_read_stream(stdin if stdin is not None else sys.stdin, limit), "stdin", by_content=True)
+    return parse_document(read_document_bytes(path), str(path))
+
+
+def read_document_bytes(path: str | os.PathLike) -> bytes:
+    """A document file's raw bytes, read as ``load_document`` reads them (a regular file,
+    at most ``max_document_bytes()``); failures are one-line ``KvcliError``s naming it."""
+    return _read_file(Path(path), str(path), max_document_bytes())
+
+
+def parse_document(data: bytes, name: str, by_content: bool = False) -> Document:
+    """A document from its raw bytes (``kvcli batch`` sends bytes to workers that may not see
+    the file).  ``name``: the path, for messages and the kind (by its extension, as
+    ``load_document`` does); ``by_content``: the kind from the content alone (stdin)."""
+    suffix = Path(name).suffix.lower()
+    if by_content:
         kind = _sniff(data)
+    elif suffix == ".pdf":
+        kind = "pdf"
+    elif suffix in HTML_EXTENSIONS:
+        kind = "html"
+    elif suffix in TEXT_EXTENSIONS:
+        kind = TEXT_EXTENSIONS[suffix]
     else:
-        name = str(path)
-        data = _read_file(Path(path), name, limit)
-        suffix = Path(path).suffix.lower()
-        if suffix == ".pdf":
-            kind = "pdf"
-        elif suffix in HTML_EXTENSIONS:
-            kind = "html"
-        elif suffix in TEXT_EXTENSIONS:
-            kind = TEXT_EXTENSIONS[suffix]
-        else:
-            kind = _sniff(data)  # unknown extension: trust the content
+        kind = _sniff(data)  # unknown extension: trust the content
 
     if not data.strip():
         raise KvcliError(f"{name}: document is empty")
