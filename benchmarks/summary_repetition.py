@@ -1,6 +1,6 @@
 """Summaries from a small base model: repetition penalty and n-gram blocking, measured.
 
-    python benchmarks/summary_repetition.py                       # the grid in docs/summarize-repetition.md
+    python benchmarks/summary_repetition.py                       # the grid; measured: docs/measurements.md
     python benchmarks/summary_repetition.py --penalties 1.0,1.2 --ngrams 0,3 --needles 0   # quicker
 
 For every (repetition penalty, no-repeat n-gram) pair of the grid, on each document (the
