@@ -157,7 +157,7 @@ def test_internal_error_exit_1_with_hint(cli, doc, monkeypatch):
     def broken(*args, **kwargs):
         raise ValueError("something inside broke")
 
-    monkeypatch.setattr(ask_module, "prefill_document", broken)
+    monkeypatch.setattr(ask_module, "open_context", broken)
     res = cli("ask", doc, "q")
     assert res.code == 1
     msg = assert_one_line_error(res, "internal error", "ValueError", "something inside broke", "KVCLI_DEBUG=1")

@@ -11,7 +11,7 @@ from ..core import defaults
 from ..core.errors import KvcliError
 from ..core.kvcfile import looks_saved
 from . import checks
-from .common import given, open_saved, prefill_document, refuse_prefill_flags
+from .common import open_context, refuse_prefill_flags
 from .config import run_settings
 from .options import (
     AllocationOpt,
@@ -96,30 +96,19 @@ def ask(
             allocation=allocation,
         )
     with RunStatus(not (quiet or as_json)) as status:
-        if settings is None:
-            ctx = open_saved(
-                document,
-                model=model,
-                model_given=given(click_ctx, "model"),
-                device=device,
-                dtype=dtype,
-                attn=attn,
-                quiet=quiet or as_json,
-                status=status,
-            )
-        else:
-            ctx = prefill_document(
-                document,
-                settings,
-                model=model,
-                device=device,
-                dtype=dtype,
-                attn=attn,
-                truncate=truncate,
-                quiet=quiet or as_json,
-                questions=questions,  # known before prefill: question scorings use them
-                status=status,
-            )
+        ctx = open_context(
+            document,
+            settings,
+            click_ctx,
+            model=model,
+            device=device,
+            dtype=dtype,
+            attn=attn,
+            truncate=truncate,
+            quiet=quiet or as_json,
+            status=status,
+            questions=questions,  # known before prefill: question scorings use them
+        )
         from ..api import Sampler
 
         sampler = Sampler(temperature=temperature, top_p=top_p, seed=seed)

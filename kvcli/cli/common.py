@@ -171,3 +171,44 @@ def open_saved(
     ctx = context_from(lm, saved, data, backend)
     status.stage("reading the question")
     return ctx
+
+
+def open_context(
+    document: str,
+    settings: Settings | None,
+    click_ctx: Any,
+    *,
+    model: str,
+    device: str,
+    dtype: str,
+    attn: str,
+    truncate: bool,
+    quiet: bool,
+    status: RunStatus,
+    questions: list[str] | None = None,
+) -> Context:
+    """The context ``ask`` and ``summarize`` answer from: a saved one (``settings`` None:
+    ``document`` is a .kvc) or ``document`` prefilled with ``settings``."""
+    if settings is None:
+        return open_saved(
+            document,
+            model=model,
+            model_given=given(click_ctx, "model"),
+            device=device,
+            dtype=dtype,
+            attn=attn,
+            quiet=quiet,
+            status=status,
+        )
+    return prefill_document(
+        document,
+        settings,
+        model=model,
+        device=device,
+        dtype=dtype,
+        attn=attn,
+        truncate=truncate,
+        quiet=quiet,
+        questions=questions,
+        status=status,
+    )
