@@ -24,7 +24,7 @@ from typing import ClassVar
 import torch
 
 from ..cache import GrowingLayer
-from .reference import allowed_mask, received_attention
+from .reference import received_attention
 
 KeyArg = torch.Tensor | tuple[torch.Tensor, ...]
 
@@ -125,16 +125,17 @@ def max_attention(
     b, hq, lq, d = query.shape
     hkv, lk = key.shape[1], key.shape[2]
     g = hq // hkv
-    k = key.float().transpose(-1, -2)
+    k = key.float().transpose(-1, -2).unsqueeze(2)  # [B, Hkv, 1, D, Lk]: one key set per group
+    k_pos = k_pos.unsqueeze(2).unsqueeze(3)  # [B, H', 1, 1, Lk]
+    extra = None if bias is None else bias.float().unsqueeze(2).unsqueeze(3)
     best = torch.zeros((b, hkv, lk), dtype=torch.float32, device=key.device)
     for s in range(0, lq, RECON_QUERY_BLOCK):
         q = query[:, :, s : s + RECON_QUERY_BLOCK]
         n = q.shape[2]
-        logits = torch.matmul(q.reshape(b, hkv, g * n, d).float(), k) * scaling
-        if bias is not None:
-            logits = logits + bias.unsqueeze(2).float()
-        ok = allowed_mask(q_pos[s : s + n], k_pos, None)
-        ok = ok.unsqueeze(2).expand(ok.shape[0], ok.shape[1], g, n, lk).reshape(ok.shape[0], ok.shape[1], g * n, lk)
-        probs = torch.softmax(logits.masked_fill(~ok, -math.inf), dim=-1)
-        best = torch.maximum(best, probs.amax(dim=2))
+        # [B, Hkv, G, n, Lk], masked in place (broadcast masks; nothing expanded to G x n x Lk twice)
+        logits = torch.matmul(q.float().reshape(b, hkv, g, n, d), k).mul_(scaling)
+        if extra is not None:
+            logits.add_(extra)
+        logits.masked_fill_(k_pos > q_pos[s : s + n].view(1, 1, 1, n, 1), -math.inf)
+        best = torch.maximum(best, torch.softmax(logits, dim=-1).amax(dim=(2, 3)))
     return best
