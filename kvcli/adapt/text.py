@@ -31,11 +31,12 @@ def installed_docs() -> list[tuple[str, str]]:
     """``(package, long description)`` of every installed package that has a real one."""
     seen: dict[str, str] = {}
     for dist in metadata.distributions():
-        name = str(dist.metadata.get("Name") or "").lower()
+        meta: Any = dist.metadata  # an email.message.Message: headers, then the long description
+        name = str(meta.get("Name") or "").lower()
         if not name or name in seen:
             continue
-        body = dist.metadata.get_payload() if hasattr(dist.metadata, "get_payload") else ""  # type: ignore[attr-defined]
-        text = str(body or dist.metadata.get("Description") or "").strip()
+        body = meta.get_payload() if hasattr(meta, "get_payload") else ""
+        text = str(body or meta.get("Description") or "").strip()
         if len(text) >= MIN_CHARS:
             seen[name] = text
     return sorted(seen.items())

@@ -30,7 +30,7 @@ def parse_blocks(value: str | None) -> list[list[int]] | None:
             data = yaml.safe_load(text)
         except yaml.YAMLError:
             raise bad from None
-        ok = isinstance(data, list) and data
+        ok = isinstance(data, list) and bool(data)
         ok = ok and all(isinstance(b, list) and b and all(type(i) is int and i >= 0 for i in b) for b in data)
         if not ok:
             raise bad

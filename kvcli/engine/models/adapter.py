@@ -121,7 +121,7 @@ class Adapter:
         if not self._merged:
             with torch.no_grad():
                 for key, mod in mods.items():
-                    w = mod.weight
+                    w: torch.Tensor = mod._parameters["weight"]  # type: ignore[assignment]
                     merged = (w.float() + self.delta(key).to(w.device)).to(w.dtype)
                     self._merged[key] = torch.nn.Parameter(merged, requires_grad=False)
         saved = {key: mod._parameters["weight"] for key, mod in mods.items()}
