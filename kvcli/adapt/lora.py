@@ -17,7 +17,7 @@ class LoraLinear(nn.Module):
     """A frozen linear layer plus a trainable low-rank delta (``B`` starts at zero, so the
     wrapped layer computes exactly what the base did until training moves it)."""
 
-    def __init__(self, base: nn.Linear, rank: int, scale: float) -> None:
+    def __init__(self, base: nn.Linear, rank: int, scale: float, generator: torch.Generator | None = None) -> None:
         super().__init__()
         self.base = base
         self.scale = scale
@@ -25,7 +25,7 @@ class LoraLinear(nn.Module):
         w = base.weight
         self.lora_a = nn.Parameter(torch.empty(rank, w.shape[1], dtype=torch.float32, device=w.device))
         self.lora_b = nn.Parameter(torch.zeros(w.shape[0], rank, dtype=torch.float32, device=w.device))
-        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
+        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5), generator=generator)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
@@ -38,14 +38,15 @@ class LoraLinear(nn.Module):
 class Lora:
     """LoRA on the q/k projections of ``layers``, installed in ``model`` (``remove`` undoes it)."""
 
-    def __init__(self, model: Any, layers: list[int], rank: int, scale: float) -> None:
+    def __init__(self, model: Any, layers: list[int], rank: int, scale: float, seed: int = 0) -> None:
         self.model = model
+        generator = torch.Generator().manual_seed(seed)  # the same start for the same seed (resumes compare)
         self.modules: dict[tuple[int, str], LoraLinear] = {}
         self._parents: dict[tuple[int, str], tuple[nn.Module, str, nn.Module]] = {}
         names = {id(m): n for n, m in model.named_modules()}
-        for key, base in projections(model, layers).items():
+        for key, base in sorted(projections(model, layers).items()):
             parent = model.get_submodule(names[id(base)].rsplit(".", 1)[0])
-            wrapped = LoraLinear(base, rank, scale)  # type: ignore[arg-type]
+            wrapped = LoraLinear(base, rank, scale, generator)  # type: ignore[arg-type]
             setattr(parent, key[1], wrapped)
             self.modules[key] = wrapped
             self._parents[key] = (parent, key[1], base)

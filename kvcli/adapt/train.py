@@ -234,7 +234,7 @@ class Trainer:
         self.distant_end = max(self.chunks[-1][2], self.start // 2)
         for p in self.model.parameters():
             p.requires_grad_(False)
-        self.lora = Lora(self.model, self.members, settings.rank, settings.scale)
+        self.lora = Lora(self.model, self.members, settings.rank, settings.scale, settings.seed)
         self.optimizer = torch.optim.Adam(self.lora.parameters(), lr=settings.lr)
         self.curve: list[dict] = []
         self.evaluations: list[Evaluation] = []

@@ -169,14 +169,19 @@ def adapt(
     flags = {"steps": "--steps", "tokens": "--tokens", "chunk_size": "--chunk-size", "rank": "--rank", "lr": "--lr"}
     flags |= {"loss": "--loss", "inner": "--inner", "positions": "--positions", "held_out": "--held-out"}
     flags |= {"save_every": "--save-every", "seed": "--seed"}
-    try:
-        settings.check()
-    except KvcliError as exc:
+
+    def flagged(exc: KvcliError) -> KvcliError:
+        """The library names its parameters; the command line names its flags."""
         text = str(exc)
         for name, flag in flags.items():
             if exc.option == name and text.startswith(name):
                 text = flag + text[len(name) :]
-        raise KvcliError(text) from None
+        return KvcliError(text)
+
+    try:
+        settings.check()
+    except KvcliError as exc:
+        raise flagged(exc) from None
 
     from ..adapt.train import Trainer
 
@@ -186,7 +191,10 @@ def adapt(
 
         growing = KVCache(lm.model.config).growing_indices
         settings.pod_options["blocks"] = [growing[i : i + block_size] for i in range(0, len(growing), block_size)]
-    trainer = Trainer(lm, settings)
+    try:
+        trainer = Trainer(lm, settings)
+    except KvcliError as exc:
+        raise flagged(exc) from None
     bar = progress(not (quiet or as_json), unit="steps", eta=True)
     if bar is None:
         result = trainer.run(restart=restart)
