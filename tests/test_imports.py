@@ -17,7 +17,7 @@ PACKAGE = ROOT / "kvcli"
 
 #: Layers, lowest first; a module may import its own layer and the ones below it.
 #: (eval and profile both sit on the API; profile also uses eval's task generators.)
-LAYERS = ["core", "cache", "attention", "methods", "engine", "api", "eval", "profile", "batch", "cli"]
+LAYERS = ["core", "cache", "attention", "methods", "engine", "api", "eval", "adapt", "profile", "batch", "cli"]
 
 
 def module_name(path: Path) -> str:

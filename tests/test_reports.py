@@ -24,7 +24,7 @@ REPORT_KEYS = [
     "model", "method", "method_options", "budget", "scoring", "context_tokens", "truncated_tokens", "kv_bytes",
     "kv_bytes_full", "kv_ratio", "compressed_layers", "kv_bytes_per_layer", "kv_bytes_all_layers", "kept_tokens",
     "peak_rss_bytes", "peak_prefill_kv_bytes", "peak_scoring_kv_bytes", "prefill_seconds",
-    "prefill_tokens_per_second", "compress_seconds", "scoring_seconds", "decode_seconds", "chunk_size",
+    "prefill_tokens_per_second", "compress_seconds", "scoring_seconds", "decode_seconds", "chunk_size", "adapter",
 ]  # fmt: skip
 #: A measured profile row's keys (status "ok"), in order; the CLI adds document and isolated.
 PROFILE_KEYS = [

@@ -217,6 +217,7 @@ class Context:
             scoring_seconds=stats.scoring_seconds,
             decode_seconds=self.decode_seconds,
             chunk_size=self.engine.chunk_size,
+            adapter=str(self.engine.adapter.path) if self.engine.adapter is not None else "none",
         )
 
 

@@ -35,6 +35,7 @@ class PrefillReport:
     scoring_seconds: float  # scoring passes after chunks (reconstruction, questions), part of prefill_seconds
     decode_seconds: float
     chunk_size: int
+    adapter: str = "none"  # PoD: the adapter file applied to the member layers (kvcli adapt), or none
 
     def as_dict(self) -> dict:
         return asdict(self)

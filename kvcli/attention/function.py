@@ -27,6 +27,7 @@ from transformers import AttentionInterface
 
 from ..cache import GrowingLayer, KVCache, SharedKeyLayer
 from .backends import get_backend, triton_pod_attend
+from .pod_train import TrainAttention, train_attention
 from .reference import attend
 from .stats import Collector
 
@@ -55,11 +56,16 @@ def _heads_share_positions(layer) -> bool:
 def kvcli_attention(
     module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None, **kwargs
 ):
+    if kwargs.get("softcap") is not None:
+        raise RuntimeError("attention logit soft-capping is not supported by kvcli")
+    train: TrainAttention | None = kwargs.get("kvcli_train")
+    if train is not None:  # a training forward over a whole sequence (``kvcli adapt``): no cache
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        out = train_attention(module, query, key, value, train, scale, sliding_window)
+        return out.transpose(1, 2).contiguous(), None
     state: RunState | None = kwargs.get("kvcli_state")
     if state is None:
         raise RuntimeError("the 'kvcli' attention implementation runs only inside kvcli's engine")
-    if kwargs.get("softcap") is not None:
-        raise RuntimeError("attention logit soft-capping is not supported by kvcli")
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
     layer = state.cache.layers[module.layer_idx]
     q_pos = state.cache.clock.now().to(query.device)

@@ -26,7 +26,7 @@ from rich.markup import escape
 
 from .. import __version__
 from ..core.errors import KvcliError
-from . import ask, batch, cache, calibrate, compress, config, info, methods, models, presets, profile, summarize
+from . import adapt, ask, batch, cache, calibrate, compress, config, info, methods, models, presets, profile, summarize
 from . import eval as eval_cmd
 from .options import err, error_line
 from .quiet import quiet_libraries
@@ -83,6 +83,7 @@ app.command("presets")(presets.presets)
 app.command("profile")(profile.profile)
 app.command("eval")(eval_cmd.eval_command)
 app.command("calibrate")(calibrate.calibrate)
+app.command("adapt")(adapt.adapt)
 app.command("config")(config.config_command)
 app.command("models")(models.models)
 app.command("cache")(cache.cache)

@@ -117,6 +117,7 @@ PREFILL_FLAGS = {
     "query_aware": "--query-aware",
     "chunk_size": "--chunk-size",
     "truncate": "--truncate",
+    "no_adapter": "--no-adapter",
 }
 
 

@@ -29,6 +29,7 @@ from .options import (
     DtypeOpt,
     JsonOpt,
     ModelOpt,
+    NoAdapterOpt,
     OptionOpt,
     QuietOpt,
     TruncOpt,
@@ -189,6 +190,7 @@ def eval_command(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     attn: AttnOpt = "auto",
+    no_adapter: NoAdapterOpt = False,
     truncate: TruncOpt = False,
     out: Annotated[
         str, typer.Option("--out", help="Directory for results.csv, results.json and results.md.")
@@ -205,7 +207,7 @@ def eval_command(
 ) -> None:
     """Measure answer quality of methods x budgets against the full cache."""
     from ..core.budget import parse_budget
-    from ..methods import make_method, method_names, split_options
+    from ..methods import has_option, make_method, method_names, split_options
 
     # ---- everything the user gave is checked before the model loads ------------------------
     # (first what needs no torch, so that a typo is reported at once)
@@ -216,7 +218,10 @@ def eval_command(
     # A budget without ":ALLOCATION" gets the command line's default allocation.
     budget_list = [str(parse_budget(b, defaults.ALLOCATION)) for b in parse_list(budgets, "--budgets")]
     scored = [m for m in names if m != "full"]
-    for m, opts in split_options(parse_options(option), scored).items():
+    method_options = parse_options(option)
+    if no_adapter and any(has_option(m, "adapter") for m in scored):
+        method_options["adapter"] = "none"  # PoD runs training-free (to compare with its adapter)
+    for m, opts in split_options(method_options, scored).items():
         make_method(m, **opts)
 
     synthetic_opts = {"--tasks": tasks, "--lengths": lengths, "--samples": samples, "--depths": depths}
@@ -242,7 +247,7 @@ def eval_command(
         budgets=budget_list,
         chunk_size=defaults.CHUNK_SIZE if chunk_size is None else chunk_size,
         scorings=_scorings(scoring, query_aware),
-        method_options=parse_options(option),
+        method_options=method_options,
         truncate=truncate,
     )
     runner.validate_methods(settings.methods, settings.budgets, settings.method_options)

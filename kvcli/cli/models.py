@@ -62,3 +62,11 @@ def models(
     for r in rows:
         if r.kind == "local" and r.name != r.path:
             print(f"{r.name}: {r.path}")
+    adapted = [r for r in rows if r.adapters]
+    for r in adapted:
+        for a in r.adapters:
+            members = sum(len(b) - 1 for b in a["blocks"])
+            print(
+                f"adapter for {r.name}: {a['path']} ({len(a['blocks'])} blocks, {members} member layers, "
+                f"rank {a['rank']}, {a['steps']} steps; --method pod uses it)"
+            )

@@ -94,6 +94,13 @@ AllocationOpt = Annotated[
         "docs/scoring.md) or global (entries of all layers ranked together, as KVzip does).",
     ),
 ]
+NoAdapterOpt = Annotated[
+    bool,
+    typer.Option(
+        "--no-adapter",
+        help="PoD: run training-free, without the adapter `kvcli adapt` trained for this model (to compare).",
+    ),
+]
 AttnOpt = Annotated[str, typer.Option("--attn", help="Attention backend: auto|sdpa|flash|triton.")]
 OptionOpt = Annotated[
     list[str] | None,
@@ -158,6 +165,16 @@ def parse_methods(value: str | None, default: list[str]) -> list[str]:
         if m not in valid:
             raise KvcliError(f"--methods: unknown method {m!r}; valid methods: {', '.join(valid)}")
     return list(dict.fromkeys(names))
+
+
+def adapter_off(method: str) -> dict[str, Any]:
+    """``--no-adapter``: the option that turns PoD's adapter off for ``method`` (none for a
+    method without one), keyed as ``resolve_settings`` keys a method's options."""
+    from ..methods import has_option, normalize_options, split_options
+
+    if not has_option(method, "adapter"):
+        return {}
+    return normalize_options(method, split_options({"adapter": "none"}, [method])[method])
 
 
 def parse_options(pairs: list[str] | None) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from .options import (
     MaxNewOpt,
     MethodOpt,
     ModelOpt,
+    NoAdapterOpt,
     OptionOpt,
     PresetOpt,
     QuietOpt,
@@ -32,6 +33,7 @@ from .options import (
     TempOpt,
     TopPOpt,
     TruncOpt,
+    adapter_off,
     emit,
     note,
     parse_options,
@@ -73,6 +75,7 @@ def summarize(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     attn: AttnOpt = "auto",
+    no_adapter: NoAdapterOpt = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -96,6 +99,8 @@ def summarize(
             scoring=scoring,
             allocation=allocation,
         )
+        if no_adapter:
+            settings.options.update(adapter_off(settings.method))
     with RunStatus(not (quiet or as_json)) as status:
         ctx = open_context(
             document,

@@ -7,6 +7,7 @@ engine never touches cache tensors: the cache stores, the method compresses.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import time
 from collections.abc import Callable, Iterator
@@ -21,6 +22,8 @@ from ..cache import CacheReport, KVCache, SharedKeyLayer
 from ..core import defaults
 from ..core.budget import FULL, Budget, check_chunk_size
 from ..methods.base import Method
+from ..methods.pod import PoD
+from .models.adapter import Adapter, adapter_for
 from .sampler import Sampler
 from .scoring import Scoring
 
@@ -77,6 +80,11 @@ class Engine:
         self.last_logits: torch.Tensor | None = None
         self.stats = PrefillStats()
         method.attach(self.cache, self.state)
+        # PoD: the adapter trained by ``kvcli adapt`` for this model and grouping (or none)
+        self.adapter: Adapter | None = None
+        if isinstance(method, PoD):
+            self.adapter = adapter_for(model, method.adapter, method.chosen_blocks)
+            method.adapter_used = str(self.adapter.path) if self.adapter is not None else "none"
         for member in self.cache.kv_layers:  # PoD members: keys read in place by the Triton PoD kernel
             if isinstance(member, SharedKeyLayer):
                 member.split_keys = uses_pod_kernel(backend)
@@ -91,15 +99,17 @@ class Engine:
         pos = torch.arange(start, start + n, device=self.device)
         self.cache.begin_forward(pos)
         self.state.collector = collector if self.track else None
+        adapted = self.adapter.applied(self.model) if self.adapter is not None else contextlib.nullcontext()
         try:
-            out = self.model(
-                input_ids=ids.to(self.device),
-                position_ids=pos.unsqueeze(0),
-                **{self.cache_keyword: self.cache},
-                use_cache=True,
-                logits_to_keep=1,
-                kvcli_state=self.state,
-            )
+            with adapted:
+                out = self.model(
+                    input_ids=ids.to(self.device),
+                    position_ids=pos.unsqueeze(0),
+                    **{self.cache_keyword: self.cache},
+                    use_cache=True,
+                    logits_to_keep=1,
+                    kvcli_state=self.state,
+                )
         finally:
             self.state.collector = None
         self.cache.end_forward(n)

@@ -17,8 +17,11 @@ Choices (the paper leaves these to its training setup):
 * Blocks: ``block_size`` consecutive growing layers (default 2), or explicit ``blocks``,
   or a calibration profile written by ``kvcli calibrate`` (picked up automatically for the
   same model), which groups layers whose distant-token attention is similar (JSD).
-* No post-training adaptation here: that is a separate issue; quality figures in the
-  README are for the training-free version.
+* Post-training adaptation (``kvcli adapt``, ``docs/pod_adapt.md``) trains low-rank deltas
+  on the members' query/key projections; option ``adapter``: ``auto`` (default) uses the
+  one in kvcli's cache for this model and grouping when there is one, ``none`` runs
+  training-free, a path uses that file (it must fit).  The engine resolves and applies it
+  (``engine.models.adapter``); ``adapter_used`` says which ran.
 * ``pod+X`` compresses the distant entries of each block further with method X, with one
   layout for the whole block (so shared keys still line up): X sees the block's layers as
   extra heads of one layer, with the block's summed statistics.
@@ -113,10 +116,12 @@ class PoD(Method):
     block_size: int = 2  # consecutive growing layers per block (without blocks or a profile)
     blocks: list[list[int]] | None = None  # explicit blocks of layer indices
     profile: str | None = None  # a calibration profile (default: the model's, when ``kvcli calibrate`` wrote one)
+    adapter: str = "auto"  # auto | none | a file (kvcli adapt): deltas on the members' q/k projections
     inner: Method | None = field(default=None, metadata=NOT_AN_OPTION)  # pod+X: compresses distant entries further
 
     chosen_blocks: list[list[int]] = state(list)  # the blocks in use (``attach`` / the first estimate moment)
     blocks_source: str = state(str)
+    adapter_used: str = state(str)  # the adapter file the run applies, or "none" (set by the engine)
     _counts: _BlockCounts = state(lambda: _BlockCounts())  # estimate_layers' replay
 
     def __post_init__(self) -> None:
@@ -128,6 +133,8 @@ class PoD(Method):
             self.blocks = _block_lists(self.blocks, "option blocks")
         if self.profile is not None and not isinstance(self.profile, str):
             raise KvcliError(f"pod: option profile must be a file name, got {self.profile!r}")
+        if not isinstance(self.adapter, str) or not self.adapter.strip():
+            raise KvcliError(f"pod: option adapter must be auto, none or an adapter file, got {self.adapter!r}")
 
     @property
     def label(self) -> str:
@@ -151,6 +158,8 @@ class PoD(Method):
 
     def options(self) -> dict:
         out = {**super().options(), "blocks": self.chosen_blocks, "blocks_source": self.blocks_source}
+        if self.adapter_used:  # what ran, so a saved context reloads with the same adapter
+            out["adapter"] = self.adapter_used
         if self.inner is not None:
             out["inner"] = self.inner.options()
         return out
@@ -193,6 +202,13 @@ class PoD(Method):
                 member = layers[idx]
                 assert isinstance(anchor, GrowingLayer) and isinstance(member, GrowingLayer)  # growing layers only
                 layers[idx] = SharedKeyLayer.from_layer(member, anchor, self.n_sink)
+
+    def training_plan(self, total: int, chunk_size: int) -> list[tuple[int, int, int]]:
+        """``(start, end, horizon)`` per chunk of a plain-PoD prefill of ``total`` tokens
+        (``attention.pod_train``: what the members read from their anchor, chunk by chunk)."""
+        from ..attention.pod_train import chunk_plan
+
+        return chunk_plan(total, chunk_size, self.recent_window)
 
     def recent_window(self, seen: int) -> int:
         return max(self.recent_min, math.ceil(self.recent * seen))

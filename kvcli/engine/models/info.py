@@ -7,12 +7,13 @@ loaded before (``registry.known_models``).  The layer kinds and bytes per token 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ...cache.sizing import cache_shape, text_config
 from ...core.errors import KvcliError
+from .adapter import list_adapters
 from .config import config_location, load_config
 from .fetch import converted_dir, is_complete
 from .registry import EMBEDDED, known_models
@@ -40,6 +41,7 @@ class ModelInfo:
     kv_bytes_per_token: int = 0  # K and V of every growing layer, per document token
     kv_bytes_sliding: int = 0  # what the sliding layers hold at most, whatever the length
     error: str = ""  # why the configuration could not be read
+    adapters: list[dict] = field(default_factory=list)  # PoD adapters in kvcli's cache (kvcli adapt)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -75,9 +77,30 @@ def _read(info: ModelInfo, ref: Path, dtype: str) -> ModelInfo:
         return info
 
 
+def _adapters() -> dict[str, list[dict]]:
+    """The PoD adapters in kvcli's cache by the ``--model`` they were trained with."""
+    out: dict[str, list[dict]] = {}
+    for path, header in list_adapters():
+        if header is None:
+            continue
+        ref = str(header["model"].get("ref", ""))
+        evals = header.get("evaluations") or []
+        out.setdefault(ref, []).append(
+            {
+                "path": str(path),
+                "blocks": header["blocks"],
+                "rank": header.get("rank"),
+                "steps": header.get("steps"),
+                "held_out": evals[-1] if evals else None,
+            }
+        )
+    return out
+
+
 def list_models(dtype: str = "float32") -> list[ModelInfo]:
     """Every known model, embedded ones first; nothing is loaded, converted or downloaded."""
     rows: list[ModelInfo] = []
+    adapters = _adapters()
     for entry in EMBEDDED:
         target = converted_dir(entry)
         done = is_complete(target)
@@ -89,6 +112,7 @@ def list_models(dtype: str = "float32") -> list[ModelInfo]:
             size_bytes=tree_bytes(target) if done else 0,
             about=entry.about,
         )
+        info.adapters = adapters.get(entry.name, [])
         rows.append(_read(info, config_location(entry.name), dtype))
     for known in known_models():
         path = Path(known["path"])
@@ -100,5 +124,6 @@ def list_models(dtype: str = "float32") -> list[ModelInfo]:
             rows.append(info)
             continue
         info.size_bytes = tree_bytes(path, follow_files=True)
+        info.adapters = adapters.get(str(path.resolve()), []) + adapters.get(info.name, [])
         rows.append(_read(info, path, dtype))
     return rows
