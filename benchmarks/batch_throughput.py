@@ -122,6 +122,7 @@ def main() -> None:
     ap.add_argument("--configs", default="1,2,ray", help="comma-separated: 1, 1t, 2, ray")
     ap.add_argument("--method", default="snapkv")
     ap.add_argument("--budget", default="0.5")
+    ap.add_argument("--scoring", default="auto", help="kvcli's --scoring (window: about 2.5x less work per document)")
     ap.add_argument("--max-new-tokens", type=int, default=24)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per configuration")
@@ -146,6 +147,8 @@ def main() -> None:
             args.method,
             "--budget",
             args.budget,
+            "--scoring",
+            args.scoring,
             "--max-new-tokens",
             str(args.max_new_tokens),
         ]
@@ -191,6 +194,7 @@ def save(args: argparse.Namespace, results: list[dict]) -> None:
         "model": args.model,
         "method": args.method,
         "budget": args.budget,
+        "scoring": args.scoring,
         "max_new_tokens": args.max_new_tokens,
         "cpus": os.cpu_count(),
         "load_average_at_end": os.getloadavg(),

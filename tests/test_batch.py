@@ -23,10 +23,15 @@ from kvcli.batch.discover import discover
 from kvcli.batch.results import ResultsWriter, done_keys, read_results
 from kvcli.batch.spec import BatchSpec, load_questions_file, parse_size
 from kvcli.cli.batch import ray_argv
+from kvcli.core import defaults
+from kvcli.core.budget import parse_budget
 from kvcli.core.errors import KvcliError
 
 from conftest import WORDS, make_pdf, save_word_llama
 from test_cli import assert_one_line_error, cli_command, run_cli
+
+# "0.5" as reports write it with the command line's default allocation (e.g. "0.5:heads")
+DEFAULT_HALF = str(parse_budget("0.5", defaults.ALLOCATION))
 
 FAST = ["--max-new-tokens", "3", "-m", "snapkv", "-b", "0.5", "--scoring", "window"]
 
@@ -202,7 +207,7 @@ def test_bad_documents_are_lines_and_a_rerun_skips_what_is_done(cli, tmp_path, t
     good = got["good0.txt"]
     assert good["answers"][0]["question"] == "w1 w2" and "error" not in good
     assert good["context_tokens"] > 60 and good["kv_bytes"] < good["kv_bytes_full"]
-    assert good["method"] == "snapkv" and good["budget"] == "0.5" and len(good["sha256"]) == 64
+    assert good["method"] == "snapkv" and good["budget"] == DEFAULT_HALF and len(good["sha256"]) == 64
     assert "batch: 3 done, 4 failed" in res.err
 
     # The same command again: the good ones are skipped (same content, same settings), the failed ones retried.

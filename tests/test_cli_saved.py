@@ -14,9 +14,14 @@ from pathlib import Path
 import pytest
 
 from kvcli.cli.app import main
+from kvcli.core import defaults
+from kvcli.core.budget import parse_budget
 
 from conftest import WORDS, save_word_llama
 from test_cli import assert_one_line_error, run_cli
+
+# "0.5" as reports write it with the command line's default allocation (e.g. "0.5:heads")
+DEFAULT_HALF = str(parse_budget("0.5", defaults.ALLOCATION))
 
 SETTINGS = ["-m", "snapkv", "-b", "0.5", "--chunk-size", "32", "--scoring", "window"]
 
@@ -107,7 +112,7 @@ def test_info(cli, kvc, doc):
     for needle in ("snapkv", "budget", "0.5", "window", "doc.txt", "sha256", "bytes per layer", "growing"):
         assert needle in res.out
     data = json.loads(cli("info", kvc, "--json").out)
-    assert data["method"] == "snapkv" and data["budget"] == "0.5" and data["scoring"] == "window"
+    assert data["method"] == "snapkv" and data["budget"] == DEFAULT_HALF and data["scoring"] == "window"
     assert data["sources"][0]["name"] == "doc.txt" and data["context_tokens"] == 121  # BOS + 120 words
     import hashlib
 
@@ -162,7 +167,7 @@ def test_append(cli, kvc, model_dir, tmp_path):
     assert res.code == 0, res.err
     data = json.loads(cli("info", tmp_path / "both.kvc", "--json").out)
     assert data["context_tokens"] == 121 + 50 and [s["name"] for s in data["sources"]] == ["doc.txt", "more.txt"]
-    assert data["budget"] == "0.5" and data["method"] == "snapkv"
+    assert data["budget"] == DEFAULT_HALF and data["method"] == "snapkv"
     assert_one_line_error(cli("compress", more, "--append", kvc, "-m", "h2o"), "--method", "saved context")
     res = cli("ask", tmp_path / "both.kvc", "w1", "--max-new-tokens", "3", "-q")
     assert res.code == 0 and res.out.strip(), res.err

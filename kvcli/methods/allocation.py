@@ -5,9 +5,15 @@
   ``target x layers`` entries a method ranks highest are kept, wherever they are, so a layer
   whose entries matter keeps more than one whose entries do not.  Within a layer all KV heads
   keep the same number of entries (the cache stores a layer's heads as one tensor), so a
-  layer's share is its (head, entry) pairs among the winners divided by its heads.  Every
-  layer keeps at least ``floor`` entries (its sinks and protected window), and the total is
-  exact: ``target x layers``.
+  layer's share is its (head, entry) pairs among the winners divided by its heads.
+* ``heads``: the same ranking of (layer, head, entry), but a layer keeps as many entries as
+  its *neediest* head won (every head of the layer then keeps that many, its best ones).
+  KVzip lets each head keep its own count; kvcli's heads share a layer's length, so this is
+  the closest layout that is still physical: a head that needs every entry (a copying head)
+  gets them, and the other heads of its layer fill the same room with their best entries.
+
+For ``global`` and ``heads`` every layer keeps at least ``floor`` entries (its sinks and
+protected window), and the total is exact: ``target x layers``.
 """
 
 from __future__ import annotations
@@ -18,9 +24,11 @@ if TYPE_CHECKING:
     import torch
 
 
-def global_targets(importance: list[torch.Tensor], target: int, floor: int) -> list[int]:
+def global_targets(importance: list[torch.Tensor], target: int, floor: int, share: str = "mean") -> list[int]:
     """Entries each layer keeps: ``importance[l]`` is ``[B, H, n_l]`` (what the method ranks
-    entries by, comparable across layers); ``target`` is the per-layer budget."""
+    entries by, comparable across layers); ``target`` is the per-layer budget.  ``share``:
+    a layer keeps the ``mean`` of its heads' winning entries, or the ``max`` (its neediest
+    head's count: every head of the layer then keeps that many, its best ones)."""
     import torch
 
     lengths = [int(imp.shape[-1]) for imp in importance]
@@ -34,13 +42,49 @@ def global_targets(importance: list[torch.Tensor], target: int, floor: int) -> l
         # Each head's best ``floor`` entries win whatever their rank: every layer keeps its floor.
         imp.scatter_(-1, torch.topk(imp, min(floor, n), dim=-1).indices, float("inf"))
         ranked.append(imp.reshape(-1))
+    if share == "max":
+        return _max_share(torch.cat(ranked), lengths, heads, total)
     owner = torch.repeat_interleave(torch.arange(len(importance)), torch.tensor([heads * n for n in lengths]))
     won = torch.bincount(owner[torch.topk(torch.cat(ranked), total * heads).indices], minlength=len(importance))
-    share = won.double() / heads
-    keep = share.floor().long()
+    mean = won.double() / heads
+    keep = mean.floor().long()
     # Round to an exact total: the largest remainders get the leftover entries (a remainder
     # means the layer is below its length, so one more fits).
     leftover = total - int(keep.sum())
     if leftover > 0:
-        keep[torch.argsort(share - keep.double(), descending=True)[:leftover]] += 1
+        keep[torch.argsort(mean - keep.double(), descending=True)[:leftover]] += 1
+    return [int(x) for x in keep]
+
+
+def _max_share(scores: torch.Tensor, lengths: list[int], heads: int, total: int) -> list[int]:
+    """Per-head global ranking, a layer keeping its neediest head's count: the largest number
+    of global winners whose per-layer maxima fit ``total``, the leftover to the next winners."""
+    import torch
+
+    n_layers = len(lengths)
+    rows = torch.repeat_interleave(
+        torch.arange(n_layers * heads), torch.tensor([n for n in lengths for _ in range(heads)])
+    )
+    order = rows[torch.argsort(scores, descending=True, stable=True)]
+    length = torch.tensor(lengths)
+
+    def keep_for(w: int) -> torch.Tensor:
+        return torch.bincount(order[:w], minlength=n_layers * heads).view(n_layers, heads).amax(dim=1)
+
+    lo, hi = 0, int(order.numel())
+    while lo < hi:  # the largest w whose layer maxima sum to at most total
+        mid = (lo + hi + 1) // 2
+        if int(keep_for(mid).sum()) <= total:
+            lo = mid
+        else:
+            hi = mid - 1
+    keep = keep_for(lo)
+    leftover = total - int(keep.sum())
+    for row in order[lo:].tolist():
+        if leftover <= 0:
+            break
+        layer = row // heads
+        if keep[layer] < length[layer]:
+            keep[layer] += 1
+            leftover -= 1
     return [int(x) for x in keep]

@@ -113,9 +113,10 @@ class Method:
     def compress(self, cache: KVCache, budget: Budget) -> None:
         target = budget.target(cache.seen)
         layers = cache.growing_layers
-        if budget.allocation == "global" and self.ranks_entries:
+        if budget.allocation != "uniform" and self.ranks_entries:
             importance = [self.importance(layer) for layer in layers]
-            targets = global_targets(importance, target, floor=min(target, self.protected_entries(target)))
+            share = "max" if budget.allocation == "heads" else "mean"
+            targets = global_targets(importance, target, min(target, self.protected_entries(target)), share)
         else:
             targets = [target] * len(layers)
         for layer, keep in zip(layers, targets, strict=True):
