@@ -33,7 +33,6 @@ from .options import (
     TempOpt,
     TopPOpt,
     TruncOpt,
-    adapter_off,
     emit,
     parse_options,
 )
@@ -97,9 +96,8 @@ def ask(
             options=parse_options(option),
             scoring=scoring,
             allocation=allocation,
+            no_adapter=no_adapter,
         )
-        if no_adapter:
-            settings.options.update(adapter_off(settings.method))
     with RunStatus(not (quiet or as_json)) as status:
         ctx = open_context(
             document,

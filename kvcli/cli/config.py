@@ -268,10 +268,12 @@ def run_settings(
     options: dict,
     scoring: str | None = None,
     allocation: str | None = None,
+    no_adapter: bool = False,
 ) -> Settings:
     """A run's method, budget, chunk size, scoring and options: flags over the environment
     over the config file (``Defaults.layered``), checked as the command line allows them.
-    ``allocation`` is a flag only (or a preset's)."""
+    ``allocation`` is a flag only (or a preset's); ``no_adapter``: ``--no-adapter`` (PoD
+    runs without its adapter)."""
     from ..api.settings import resolve_settings
 
     if chunk_size is not None:
@@ -282,4 +284,8 @@ def run_settings(
         checks.chunk_size("chunk_size", settings.chunk_size)
     except KvcliError as exc:
         raise KvcliError(f"preset {settings.preset}: {exc}") from None
+    if no_adapter:
+        from .options import adapter_off
+
+        settings.options.update(adapter_off(settings.method))
     return settings

@@ -33,7 +33,6 @@ from .options import (
     TempOpt,
     TopPOpt,
     TruncOpt,
-    adapter_off,
     emit,
     note,
     parse_options,
@@ -98,9 +97,8 @@ def summarize(
             options=parse_options(option),
             scoring=scoring,
             allocation=allocation,
+            no_adapter=no_adapter,
         )
-        if no_adapter:
-            settings.options.update(adapter_off(settings.method))
     with RunStatus(not (quiet or as_json)) as status:
         ctx = open_context(
             document,
