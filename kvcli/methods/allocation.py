@@ -58,7 +58,7 @@ def global_targets(importance: list[torch.Tensor], target: int, floor: int, shar
 
 def _max_share(scores: torch.Tensor, lengths: list[int], heads: int, total: int) -> list[int]:
     """Per-head global ranking, a layer keeping its neediest head's count: the largest number
-    of global winners whose per-layer maxima fit ``total``, the leftover to the next winners."""
+    of global winners whose per-layer maxima fit ``total``."""
     import torch
 
     n_layers = len(lengths)
@@ -66,7 +66,6 @@ def _max_share(scores: torch.Tensor, lengths: list[int], heads: int, total: int)
         torch.arange(n_layers * heads), torch.tensor([n for n in lengths for _ in range(heads)])
     )
     order = rows[torch.argsort(scores, descending=True, stable=True)]
-    length = torch.tensor(lengths)
 
     def keep_for(w: int) -> torch.Tensor:
         return torch.bincount(order[:w], minlength=n_layers * heads).view(n_layers, heads).amax(dim=1)
@@ -78,13 +77,7 @@ def _max_share(scores: torch.Tensor, lengths: list[int], heads: int, total: int)
             lo = mid
         else:
             hi = mid - 1
-    keep = keep_for(lo)
-    leftover = total - int(keep.sum())
-    for row in order[lo:].tolist():
-        if leftover <= 0:
-            break
-        layer = row // heads
-        if keep[layer] < length[layer]:
-            keep[layer] += 1
-            leftover -= 1
-    return [int(x) for x in keep]
+    # Exact: one more winner raises at most one head's count, so at most one layer's maximum,
+    # by one; the largest w within ``total`` therefore reaches it (the caller returned early
+    # when every entry fits).
+    return [int(x) for x in keep_for(lo)]
