@@ -48,6 +48,29 @@ def test_max_attention_matches_eager_reference():
     torch.testing.assert_close(got.double(), eager_max(q, k, q_pos, k_pos, 0.35), atol=1e-6, rtol=1e-5)
 
 
+def test_max_attention_with_per_head_positions_in_any_order_and_a_bias():
+    """A compressed layer: every KV head keeps its own entries (positions per head, not
+    sorted), merged entries carry a bias, and some keys lie after every query of a block
+    (they receive nothing); the spans ``max_attention`` skips must not change a score."""
+    torch.manual_seed(3)
+    hkv, g, lq, lk, d = 2, 3, 300, 420, 8
+    q = torch.randn(1, hkv * g, lq, d)
+    k = torch.randn(1, hkv, lk, d)
+    k_pos = torch.stack([torch.randperm(lk), torch.randperm(lk)]).unsqueeze(0)  # [1, Hkv, Lk]
+    q_pos = torch.arange(60, 60 + lq)  # keys at 360..419 are after every query
+    bias = torch.rand(1, hkv, lk)
+    got = max_attention(q, k, q_pos, k_pos, bias, 0.4)
+    want = torch.zeros(1, hkv, lk, dtype=torch.float64)
+    for h in range(hkv * g):
+        kh = h // g
+        logits = q[0, h].double() @ k[0, kh].double().T * 0.4 + bias[0, kh].double()
+        visible = k_pos[0, kh].view(1, -1) <= q_pos.view(-1, 1)
+        probs = torch.softmax(logits.masked_fill(~visible, -math.inf), dim=-1)
+        want[0, kh] = torch.maximum(want[0, kh], probs.max(dim=0).values)
+    torch.testing.assert_close(got.double(), want, atol=1e-6, rtol=1e-5)
+    assert torch.all(got[k_pos > q_pos.max()] == 0)
+
+
 def _layer_with(n: int, heads: int = 2, d: int = 8) -> GrowingLayer:
     layer = GrowingLayer(Clock(), 0)
     layer.lazy_initialization(torch.zeros(1, heads, 0, d), torch.zeros(1, heads, 0, d))

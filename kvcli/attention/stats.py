@@ -121,21 +121,43 @@ def max_attention(
 ) -> torch.Tensor:
     """The largest attention probability each key receives from any query of any query head
     in its KV group: ``[B, Hkv, Lk]`` (float32).  Queries are taken ``RECON_QUERY_BLOCK`` at
-    a time (each softmax row is independent), so the logits held stay bounded."""
+    a time (each softmax row is independent), so the logits held stay bounded.
+
+    Per block, logits are computed only up to the last key some query of the block can see
+    (the keys after it receive nothing), and the causal mask is applied only from the first
+    key some query of the block cannot see (every key before it is visible to all of them):
+    in a reconstruction pass that leaves the mask to the reconstruction's own keys."""
     b, hq, lq, d = query.shape
     hkv, lk = key.shape[1], key.shape[2]
     g = hq // hkv
     k = key.float().transpose(-1, -2).unsqueeze(2)  # [B, Hkv, 1, D, Lk]: one key set per group
+    flat_pos = k_pos.reshape(-1, lk)  # every (batch, head) row of positions
     k_pos = k_pos.unsqueeze(2).unsqueeze(3)  # [B, H', 1, 1, Lk]
     extra = None if bias is None else bias.float().unsqueeze(2).unsqueeze(3)
     best = torch.zeros((b, hkv, lk), dtype=torch.float32, device=key.device)
     for s in range(0, lq, RECON_QUERY_BLOCK):
-        q = query[:, :, s : s + RECON_QUERY_BLOCK]
-        n = q.shape[2]
-        # [B, Hkv, G, n, Lk], masked in place (broadcast masks; nothing expanded to G x n x Lk twice)
-        logits = torch.matmul(q.float().reshape(b, hkv, g, n, d), k).mul_(scaling)
+        qp = q_pos[s : s + RECON_QUERY_BLOCK]
+        n = qp.shape[0]
+        lo, hi = _mask_span(flat_pos, int(qp.min()), int(qp.max()))
+        if hi == 0:  # no key visible to any query of the block
+            continue
+        q = query[:, :, s : s + n].float().reshape(b, hkv, g, n, d)
+        logits = torch.matmul(q, k[..., :hi]).mul_(scaling)  # [B, Hkv, G, n, hi]
         if extra is not None:
-            logits.add_(extra)
-        logits.masked_fill_(k_pos > q_pos[s : s + n].view(1, 1, 1, n, 1), -math.inf)
-        best = torch.maximum(best, torch.softmax(logits, dim=-1).amax(dim=(2, 3)))
+            logits.add_(extra[..., :hi])
+        if hi > lo:  # masked in place, broadcast (nothing expanded to G x n x Lk)
+            logits[..., lo:hi].masked_fill_(k_pos[..., lo:hi] > qp.view(1, 1, 1, n, 1), -math.inf)
+        best[..., :hi] = torch.maximum(best[..., :hi], torch.softmax(logits, dim=-1).amax(dim=(2, 3)))
     return best
+
+
+def _mask_span(positions: torch.Tensor, first: int, last: int) -> tuple[int, int]:
+    """``(lo, hi)`` for queries at positions ``first..last`` over keys at ``positions``
+    (``[rows, Lk]``): keys before ``lo`` are visible to all of them, keys from ``hi`` on to
+    none, so only ``lo:hi`` needs the mask (any order of positions; ``lo <= hi``)."""
+    lk = positions.shape[-1]
+    hidden = (positions > first).any(dim=0)
+    lo = int(hidden.int().argmax()) if bool(hidden.any()) else lk
+    seen = (positions <= last).any(dim=0)
+    hi = lk - int(seen.flip(0).int().argmax()) if bool(seen.any()) else 0
+    return min(lo, hi), hi
