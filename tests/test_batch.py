@@ -251,7 +251,7 @@ def test_kv_memory_chooses_the_budget(cli, tmp_path, tiny_model):
     res = cli("batch", doc, *common, "--kv-memory", str(336 * 20))
     assert res.code == 0, res.err
     row = lines_of(out)[0]
-    assert row["budget"] == "20" and row["kv_memory"] == 336 * 20 and row["kv_memory_fits"] is True
+    assert row["budget"] == "20:heads" and row["kv_memory"] == 336 * 20 and row["kv_memory_fits"] is True
     assert row["kv_bytes"] <= 336 * 20 < row["kv_bytes_full"]
     res = cli("batch", doc, *common, "--kv-memory", str(336 * 3))
     assert res.code == 3

@@ -96,8 +96,14 @@ def test_header_says_what_the_context_is(lms, tmp_path):
     saved, _ = kvcfile.read(tmp_path / "doc.kvc")
     h = saved.header
     assert set(kvcfile.HEADER_FIELDS) <= set(h)
-    assert (h["format_version"], h["method"], h["budget"], h["dtype"]) == (1, "pod+kvmerger", "0.5", "float32")
+    assert (h["format_version"], h["method"], h["budget"], h["dtype"]) == (1, "pod+kvmerger", "0.5:uniform", "float32")
     assert h["context_tokens"] == DOC and h["sources"][0]["tokens"] == DOC
+    # a budget written without its allocation (before "heads" became the default) meant uniform
+    from kvcli.api.saved import budget_from
+
+    assert str(budget_from(saved)) == "0.5:uniform"
+    h["budget"] = "0.5"
+    assert budget_from(saved).allocation == "uniform"
     assert h["method_options"]["blocks"] == [[1, 3]]
     assert [layer["kind"] for layer in h["layers"]] == ["window", "growing", "window", "shared"]
     assert sum(saved.layer_bytes()) == h["kv_bytes"]  # every byte of the cache, nothing else per layer

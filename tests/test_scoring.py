@@ -206,7 +206,7 @@ def test_global_allocation_through_the_engine():
     assert sum(lengths) == 3 * 48
     # streaming ranks nothing: it shares the budget uniformly (and says so in its budget)
     streaming = _engine(model, "streaming", Budget(ratio=0.5, allocation="global"))
-    assert streaming.budget.allocation == "uniform" and str(streaming.budget) == "0.5"
+    assert streaming.budget.allocation == "uniform" and str(streaming.budget) == "0.5:uniform"
     streaming.prefill(torch.randint(3, 100, (1, 96)))
     assert [layer.length for layer in streaming.cache.growing_layers] == [48, 48, 48]
     with pytest.raises(KvcliError, match="allocation"):
@@ -240,7 +240,12 @@ def test_budget_text_carries_the_allocation():
     from kvcli.core import defaults
     from kvcli.core.budget import parse_budget
 
-    assert parse_budget("0.5") == Budget(ratio=0.5)  # the library's default: uniform
+    # one default for the library and the command line (measured: docs/scoring.md)
+    assert parse_budget("0.5") == Budget(ratio=0.5) == Budget(ratio=0.5, allocation=defaults.ALLOCATION)
+    assert defaults.ALLOCATION == "heads"
+    # the text always names the allocation, so it parses back to the same budget
+    for text in ("0.5:uniform", "0.35:heads", "0.5:global", "300:uniform"):
+        assert str(parse_budget(text)) == text and parse_budget(str(parse_budget(text))) == parse_budget(text)
     assert parse_budget("0.5:global") == Budget(ratio=0.5, allocation="global")
     assert str(parse_budget("40:global")) == "40:global" and str(parse_budget("1:global")) == "1"
     assert parse_budget(str(parse_budget("0.35", "global"))) == Budget(ratio=0.35, allocation="global")

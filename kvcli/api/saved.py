@@ -177,7 +177,9 @@ def restore_method_state(method: Method, saved: kvcfile.SavedFile) -> None:
 
 def budget_from(saved: kvcfile.SavedFile) -> Budget:
     try:
-        return parse_budget(saved.header["budget"])
+        # A budget without ":ALLOCATION" was written before the default became "heads",
+        # when a bare ratio meant "uniform".
+        return parse_budget(saved.header["budget"], "uniform")
     except KvcliError as exc:
         raise _bad(saved.name, f"budget: {exc}") from None
 

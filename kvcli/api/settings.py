@@ -26,7 +26,7 @@ SCORING_NAMES = ("auto", *defaults.SCORINGS)
 @dataclass
 class Settings:
     method: str = defaults.METHOD
-    budget: Budget = field(default_factory=lambda: parse_budget(defaults.BUDGET, defaults.ALLOCATION))
+    budget: Budget = field(default_factory=lambda: parse_budget(defaults.BUDGET))
     chunk_size: int = defaults.CHUNK_SIZE
     options: dict = field(default_factory=dict)
     scoring: str = defaults.SCORING  # see kvcli.engine.scoring; auto is resolved at prefill
@@ -77,7 +77,7 @@ def _fill_preset(s: Settings, data: dict, path: Path) -> Settings:
         s.method = data["method"]
     if "budget" in data:
         try:
-            s.budget = parse_budget(data["budget"], defaults.ALLOCATION)
+            s.budget = parse_budget(data["budget"])
         except KvcliError as exc:
             raise KvcliError(f"preset {path}: key 'budget': {exc}") from None
     if "allocation" in data:

@@ -215,8 +215,7 @@ def eval_command(
     if chunk_size is not None:
         checks.chunk_size("--chunk-size", chunk_size)
     names = parse_methods(methods, method_names() if full else list(defaults.HEADLINE_METHODS))
-    # A budget without ":ALLOCATION" gets the command line's default allocation.
-    budget_list = [str(parse_budget(b, defaults.ALLOCATION)) for b in parse_list(budgets, "--budgets")]
+    budget_list = [str(parse_budget(b)) for b in parse_list(budgets, "--budgets")]
     scored = [m for m in names if m != "full"]
     method_options = parse_options(option)
     if no_adapter and any(has_option(m, "adapter") for m in scored):

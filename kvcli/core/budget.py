@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from . import defaults
 from .errors import KvcliError
 
 ALLOCATIONS = ("uniform", "global", "heads")  # how the growing layers share a budget
@@ -14,11 +15,12 @@ ALLOCATIONS = ("uniform", "global", "heads")  # how the growing layers share a b
 class Budget:
     """Either a ratio in (0, 1] of the tokens seen so far, or an absolute entry count, per
     growing layer; ``allocation`` says how the layers share it (``kvcli.methods.allocation``):
-    ``uniform`` (each layer that many) or ``global`` (layers x that many, ranked across layers)."""
+    ``uniform`` (each layer that many), ``global`` (layers x that many, ranked across layers)
+    or ``heads`` (ranked across layers and KV heads; the default, ``defaults.ALLOCATION``)."""
 
     ratio: float | None = None
     tokens: int | None = None
-    allocation: str = "uniform"
+    allocation: str = defaults.ALLOCATION
 
     def __post_init__(self) -> None:
         if self.allocation not in ALLOCATIONS:
@@ -38,18 +40,20 @@ class Budget:
 
     def __str__(self) -> str:
         size = str(self.tokens) if self.tokens is not None else f"{self.ratio:g}"
-        # (the whole cache has nothing to allocate: plain "1")
-        return size if self.allocation == "uniform" or self.is_full else f"{size}:{self.allocation}"
+        # Always with its allocation (the whole cache has nothing to allocate: plain "1"), so the
+        # text parses back to the same budget whatever the default.
+        return size if self.is_full else f"{size}:{self.allocation}"
 
 
 FULL = Budget(ratio=1.0)
 
 
-def parse_budget(value: str | float | int, allocation: str = "uniform") -> Budget:
+def parse_budget(value: str | float | int, allocation: str | None = None) -> Budget:
     """Parse ``0.5`` (ratio), ``1``/``1.0`` (everything) or ``2048`` (entries), each optionally
     followed by ``:ALLOCATION`` (``0.5:global``; ``str(budget)`` writes it back that way);
-    ``allocation`` applies when the text names none (the library's default is ``uniform``,
-    the command line's ``defaults.ALLOCATION``)."""
+    ``allocation`` applies when the text names none (default ``defaults.ALLOCATION``, for the
+    library and the command line alike)."""
+    allocation = defaults.ALLOCATION if allocation is None else allocation
     text = str(value).strip()
     if ":" in text:
         size, _, allocation = text.partition(":")

@@ -113,6 +113,8 @@ class Method:
     def compress(self, cache: KVCache, budget: Budget) -> None:
         target = budget.target(cache.seen)
         layers = cache.growing_layers
+        if all(layer.length <= target for layer in layers):
+            return  # within budget everywhere (always so at the full budget, which scores nothing)
         if budget.allocation != "uniform" and self.ranks_entries:
             importance = [self.importance(layer) for layer in layers]
             share = "max" if budget.allocation == "heads" else "mean"

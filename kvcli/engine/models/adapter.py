@@ -12,8 +12,9 @@ key ``kvcli_adapter`` holds a JSON header: format, model digest and name, blocks
 scale, the PoD settings it was trained with, steps and the loss curve.
 
 Applying (``Adapter.applied``) swaps the members' projection weights for merged copies
-for the duration of a forward and puts the originals back, so one loaded model serves
-``pod`` with and without the adapter and every other method in the same process (eval).
+(merged once; the modules are found once per model) for the duration of a forward and puts
+the originals back, so one loaded model serves ``pod`` with and without the adapter and
+every other method in the same process (eval).
 """
 
 from __future__ import annotations
@@ -93,6 +94,8 @@ class Adapter:
     header: dict
     deltas: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]  # (lora_a, lora_b)
     _merged: dict[tuple[int, str], torch.nn.Parameter] = field(default_factory=dict, repr=False)
+    # the member projections, found once per model (``applied`` runs on every forward)
+    _modules: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary, repr=False)
 
     @property
     def blocks(self) -> list[list[int]]:
@@ -117,7 +120,9 @@ class Adapter:
     @contextlib.contextmanager
     def applied(self, model: Any) -> Iterator[None]:
         """The member projections' weights replaced by merged ones, the originals put back after."""
-        mods = projections(model, members_of(self.blocks))
+        mods = self._modules.get(model)
+        if mods is None:
+            mods = self._modules[model] = projections(model, members_of(self.blocks))
         if not self._merged:
             with torch.no_grad():
                 for key, mod in mods.items():
