@@ -29,7 +29,7 @@ def tensor_bytes(cache) -> int:
 
 @pytest.mark.parametrize("shape", ["gqa", "mqa", "gemma3"])
 @pytest.mark.parametrize("method", COMPRESSING)
-@pytest.mark.parametrize("budget", ["40", "0.5"])
+@pytest.mark.parametrize("budget", ["40:uniform", "0.5:uniform", "40:heads", "0.5:heads"])
 def test_cache_bounded_by_budget_plus_chunk(shape, method, budget):
     model = {"gqa": lambda: tiny_llama(2), "mqa": lambda: tiny_llama(1), "gemma3": tiny_gemma3}[shape]()
     lm = api.wrap_model(model, IdTokenizer())
@@ -44,13 +44,17 @@ def test_cache_bounded_by_budget_plus_chunk(shape, method, budget):
     floor = meth.n_sink + 1 if method.startswith("pod+") else 0  # PoD's sinks are never merged
 
     def checked(cache, bud):
+        # uniform: every layer holds the target; ranked across layers and heads: they add up to it
+        lengths = [layer.length for layer in cache.growing_layers]
+        bound = max if bud.allocation == "uniform" else (lambda xs: sum(xs) / len(xs))
         if cache.seen > chunk:  # before compressing: at most the last target plus one chunk
-            for layer in cache.growing_layers:
-                assert layer.length <= max(bud.target(cache.seen - chunk), floor) + chunk
+            assert bound(lengths) <= max(bud.target(cache.seen - chunk), floor) + chunk
         original(cache, bud)
         target = bud.target(cache.seen)
+        lengths = [layer.length for layer in cache.growing_layers]
+        assert min(lengths) == max(lengths) or bud.allocation != "uniform"
+        assert bound(lengths) == min(max(target, floor), cache.seen), (lengths, target)
         for layer in cache.growing_layers:
-            assert layer.length == min(max(target, floor), cache.seen), (layer.length, target)
             assert layer.values.shape[2] == layer.length  # physical, not masked
             if layer.keys is not None:  # PoD members hold no distant keys at all
                 assert layer.keys.shape[2] == layer.length
