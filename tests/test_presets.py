@@ -41,12 +41,12 @@ def test_builtin_presets_load_or_name_their_missing_method():
                 presets.load_preset(name)
     assert presets.load_preset("lossless").method == "full"
     s = presets.load_preset("streaming")
-    assert (s.method, str(s.budget)) == ("streaming", "0.5")
+    assert (s.method, str(s.budget)) == ("streaming", "0.5:uniform")  # streaming ranks nothing
 
 
 def test_explicit_flags_override_a_preset(tmp_path):
     s = presets.resolve_settings(preset="streaming", budget="0.25", chunk_size=64)
-    assert (s.method, str(s.budget), s.chunk_size) == ("streaming", "0.25", 64)
+    assert (s.method, str(s.budget), s.chunk_size) == ("streaming", "0.25:uniform", 64)
     path = write(
         tmp_path, "description: mine\nmethod: kvmerger\nbudget: 0.4\nchunk_size: 128\noptions: {threshold: 0.8}\n"
     )
@@ -101,7 +101,7 @@ def test_presets_command_lists_name_method_budget_description():
     assert result.exit_code == 0, result.output
     lines = {line.split()[0]: line for line in result.stdout.splitlines()[1:]}
     assert lines["lossless"].split()[1:3] == ["full", "1"]
-    assert lines["streaming"].split()[1:3] == ["streaming", "0.5"]
+    assert lines["streaming"].split()[1:3] == ["streaming", "0.5:uniform"]
     assert "StreamingLLM" in lines["streaming"]
     rows = json.loads(runner.invoke(app, ["presets", "--json"]).stdout)
     assert {r["name"] for r in rows} == set(presets.builtin_presets())
