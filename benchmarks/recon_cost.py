@@ -22,7 +22,6 @@ import gc
 import json
 import os
 import platform
-import random
 import shlex
 import statistics
 import sys
@@ -33,23 +32,10 @@ import torch
 
 from kvcli import api
 from kvcli.attention import stats as stats_module
-from kvcli.eval.fillers import filler_sentences
+from prefill_speed import document_ids, log  # the same generated document (this folder is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
 SCORINGS = ("window", "recon")
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def document_ids(tokenizer, n: int, seed: int = 0) -> torch.Tensor:
-    ids = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    stream = filler_sentences("prose", random.Random(seed))
-    while len(ids) < n:
-        text = " ".join(next(stream) for _ in range(50))
-        ids += tokenizer.encode(" " + text, add_special_tokens=False)
-    return torch.tensor([ids[:n]], dtype=torch.long)
 
 
 class StatsClock:
