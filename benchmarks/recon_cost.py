@@ -6,11 +6,13 @@ One document of prose per length, prefilled with one scored method at one budget
 round) so a slow phase of a shared machine hits both sides of a ratio alike; each ratio is
 recon / window *of the same round*, and the table gives the median over rounds.  The recon
 prefill is split into the chunks' own forwards, the reconstruction passes (forward plus
-statistics) and, inside them, the statistics alone (``ReconStats``, timed by wrapping it
-here), so what to cut next is measured, not guessed.
+statistics) and, inside them, the statistics (``ReconStats``, timed by wrapping it here:
+with the default local pass, the scored layers' attention and statistics, which come from
+one softmax), so what to cut next is measured, not guessed.
 
     python benchmarks/recon_cost.py                                  # SmolLM2 and Gemma, 2K and 4K, 3 rounds
     python benchmarks/recon_cost.py --models smollm2 --lengths 2048 --rounds 2   # ~3 min, 2-core CPU
+    python benchmarks/recon_cost.py --whole-cache-pass       # also KVzip's whole-cache pass, for comparison
 
 Writes results/recon_cost.json and .md.  A benchmark, not a test: nothing is asserted.
 """
@@ -18,6 +20,8 @@ Writes results/recon_cost.json and .md.  A benchmark, not a test: nothing is ass
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import gc
 import json
 import os
@@ -31,36 +35,57 @@ from pathlib import Path
 import torch
 
 from kvcli import api
+from kvcli.api import prefilling
 from kvcli.attention import stats as stats_module
 from prefill_speed import document_ids, log  # the same generated document (this folder is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
 SCORINGS = ("window", "recon")
+WHOLE = "recon-cache"  # reconstruction with KVzip's whole-cache pass (Scoring.local_pass=False)
 
 
 class StatsClock:
-    """Wraps ``ReconStats.__call__`` to add up the time spent in reconstruction statistics."""
+    """Wraps ``ReconStats.__call__`` and ``ReconStats.attend`` to add up the time spent in
+    reconstruction statistics: the statistics alone for a pass over the whole cache, the
+    scored layers' local attention with its statistics (one softmax) for a local pass."""
 
     def __init__(self) -> None:
         self.seconds = 0.0
-        self._orig = stats_module.ReconStats.__call__
+        for name in ("__call__", "attend"):
+            setattr(stats_module.ReconStats, name, self._timed(getattr(stats_module.ReconStats, name)))
+
+    def _timed(self, orig):
         clock = self
 
         def timed(collector, *args, **kwargs):
             t0 = time.perf_counter()
             try:
-                return clock._orig(collector, *args, **kwargs)
+                return orig(collector, *args, **kwargs)
             finally:
                 clock.seconds += time.perf_counter() - t0
 
-        stats_module.ReconStats.__call__ = timed  # type: ignore[method-assign]
+        return timed
 
 
-def run_once(lm, ids, method: str, budget: str, scoring: str, clock: StatsClock) -> dict:
+@contextlib.contextmanager
+def whole_cache_pass(on: bool):
+    """Reconstruction passes that attend over the whole cache (KVzip's) while ``on``."""
+    orig = prefilling.make_scoring
+    if on:
+        prefilling.make_scoring = lambda *a, **k: dataclasses.replace(orig(*a, **k), local_pass=False)
+    try:
+        yield
+    finally:
+        prefilling.make_scoring = orig
+
+
+def run_once(lm, ids, method: str, budget: str, variant: str, clock: StatsClock) -> dict:
     gc.collect()
     clock.seconds = 0.0
     t0 = time.perf_counter()
-    ctx = api.prefill(lm, ids, method=method, budget=budget, scoring=scoring, raw=True)
+    with whole_cache_pass(variant == WHOLE):
+        scoring = "recon" if variant == WHOLE else variant
+        ctx = api.prefill(lm, ids, method=method, budget=budget, scoring=scoring, raw=True)
     wall = time.perf_counter() - t0
     st = ctx.engine.stats
     return {
@@ -84,7 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget", default="0.5")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", default=str(ROOT / "results"))
+    ap.add_argument("--whole-cache-pass", action="store_true",
+                    help="also time reconstruction with KVzip's whole-cache pass (the default pass is local)")
     args = ap.parse_args(argv)
+    variants = SCORINGS + ((WHOLE,) if args.whole_cache_pass else ())
     lengths = [int(x) for x in args.lengths.split(",")]
     clock = StatsClock()
     load0 = os.getloadavg()
@@ -95,25 +123,27 @@ def main(argv: list[str] | None = None) -> int:
         run_once(lm, document_ids(lm.tokenizer, 600, seed=1), args.method, args.budget, "recon", clock)  # warm-up
         for n in lengths:
             ids = document_ids(lm.tokenizer, n)
-            runs: dict[str, list[dict]] = {s: [] for s in SCORINGS}
+            runs: dict[str, list[dict]] = {v: [] for v in variants}
             for r in range(args.rounds):
-                order = SCORINGS if r % 2 == 0 else SCORINGS[::-1]
-                for s in order:
-                    runs[s].append(run_once(lm, ids, args.method, args.budget, s, clock))
-                    log(f"{model} {n} round {r + 1} {s}: {runs[s][-1]['seconds']:.1f} s")
-            ratios = [rc["seconds"] / w["seconds"] for rc, w in zip(runs["recon"], runs["window"], strict=True)]
-            rec = runs["recon"]
-            rows.append({
-                "model": model, "tokens": n, "method": args.method, "budget": args.budget,
-                "window_s": med([x["seconds"] for x in runs["window"]]),
-                "recon_s": med([x["seconds"] for x in rec]),
-                "ratio": med(ratios), "ratios": ratios,
-                "recon_passes_s": med([x["scoring_seconds"] for x in rec]),
-                "recon_stats_s": med([x["stats_seconds"] for x in rec]),
-                "recon_compress_s": med([x["compress_seconds"] for x in rec]),
-                "window_compress_s": med([x["compress_seconds"] for x in runs["window"]]),
-                "runs": runs,
-            })
+                order = variants if r % 2 == 0 else variants[::-1]
+                for v in order:
+                    runs[v].append(run_once(lm, ids, args.method, args.budget, v, clock))
+                    log(f"{model} {n} round {r + 1} {v}: {runs[v][-1]['seconds']:.1f} s")
+            for v in variants[1:]:
+                rec = runs[v]
+                ratios = [rc["seconds"] / w["seconds"] for rc, w in zip(rec, runs["window"], strict=True)]
+                rows.append({
+                    "model": model, "tokens": n, "method": args.method, "budget": args.budget,
+                    "pass": "whole cache" if v == WHOLE else "local",
+                    "window_s": med([x["seconds"] for x in runs["window"]]),
+                    "recon_s": med([x["seconds"] for x in rec]),
+                    "ratio": med(ratios), "ratios": ratios,
+                    "recon_passes_s": med([x["scoring_seconds"] for x in rec]),
+                    "recon_stats_s": med([x["stats_seconds"] for x in rec]),
+                    "recon_compress_s": med([x["compress_seconds"] for x in rec]),
+                    "window_compress_s": med([x["compress_seconds"] for x in runs["window"]]),
+                    "runs": {"window": runs["window"], v: rec},
+                })
         del lm
         gc.collect()
 
@@ -125,12 +155,13 @@ def main(argv: list[str] | None = None) -> int:
     (out / "recon_cost.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     lines = [f"`{meta['command']}` ({meta['cpus']} CPUs, load average {load0[0]:.1f} at start; "
              f"medians of {args.rounds} interleaved rounds)", "",
-             "| model | tokens | method @ budget | window s | recon s | recon / window (per round) "
-             "| recon passes s | of which statistics s | compress s (window / recon) |",
-             "|---|---:|---|---:|---:|---|---:|---:|---:|"]
+             "| model | tokens | method @ budget | recon pass | window s | recon s | recon / window (per round) "
+             "| recon passes s | of which statistics (local: with attention) s | compress s (window / recon) |",
+             "|---|---:|---|---|---:|---:|---|---:|---:|---:|"]
     for r in rows:
         per = ", ".join(f"{x:.2f}" for x in r["ratios"])
-        lines.append(f"| {r['model']} | {r['tokens']} | {r['method']} @ {r['budget']} | {r['window_s']:.1f} "
+        lines.append(f"| {r['model']} | {r['tokens']} | {r['method']} @ {r['budget']} | {r['pass']} "
+                     f"| {r['window_s']:.1f} "
                      f"| {r['recon_s']:.1f} | **{r['ratio']:.2f}x** ({per}) | {r['recon_passes_s']:.1f} "
                      f"| {r['recon_stats_s']:.1f} | {r['window_compress_s']:.2f} / {r['recon_compress_s']:.2f} |")
     (out / "recon_cost.md").write_text("\n".join(lines) + "\n")

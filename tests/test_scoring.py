@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from kvcli import api
-from kvcli.attention.stats import ReconStats, max_attention
+from kvcli.attention.reference import attend
+from kvcli.attention.stats import ReconStats, attend_max, max_attention
 from kvcli.cache import GrowingLayer
 from kvcli.cache.layers import Clock
 from kvcli.core.budget import Budget, parse_budget
@@ -102,6 +103,49 @@ def test_recon_stats_scores_only_the_chunk_against_sinks_chunk_and_reconstructio
     assert torch.all(layer.scores[..., : n_ctx - n_chunk] == 0.25)  # older entries untouched
 
 
+def test_attend_max_gives_the_attention_and_its_maximum_from_one_softmax():
+    """Against two independent computations: the reference attention (SDPA) for the output and
+    the float64 eager maximum for the statistics; per-head positions in any order and a bias,
+    more queries than one block, keys after every query."""
+    torch.manual_seed(5)
+    hkv, g, lq, lk, d = 2, 3, 300, 420, 8
+    q = torch.randn(1, hkv * g, lq, d)
+    k, v = torch.randn(1, hkv, lk, d), torch.randn(1, hkv, lk, 5)
+    k_pos = torch.stack([torch.randperm(lk), torch.randperm(lk)]).unsqueeze(0)
+    q_pos = torch.arange(60, 60 + lq)
+    bias = torch.rand(1, hkv, lk)
+    out, best = attend_max(q, k, v, q_pos, k_pos, bias, 0.4)
+    torch.testing.assert_close(out, attend(q, k, v, q_pos, k_pos, bias, 0.4, None), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(best, max_attention(q, k, q_pos, k_pos, bias, 0.4), atol=1e-6, rtol=1e-5)
+    assert out.dtype == q.dtype and best.dtype == torch.float32
+
+
+def test_local_recon_pass_attends_over_sinks_chunk_and_itself():
+    """A pass that attends (the default): the layer's output is the attention over the sinks,
+    the chunk and the reconstruction only, and the scores are the ones the separate
+    statistics give (``attends=False``) over those same keys."""
+    torch.manual_seed(2)
+    n_ctx, n_chunk, n_rec, sinks = 30, 10, 12, 2
+    layer = _layer_with(n_ctx + n_rec)
+    other = _layer_with(n_ctx + n_rec)
+    other.keys, other.values = layer.keys.clone(), layer.values.clone()
+    q = torch.randn(1, 4, n_rec, 8)
+    k_pos = torch.arange(n_ctx + n_rec).view(1, 1, -1)
+    q_pos = torch.arange(n_ctx, n_ctx + n_rec)
+    stats = ReconStats(n_chunk=n_chunk, n_sink=sinks)
+    assert stats.attends
+    out = stats.attend(layer, q, layer.keys, layer.values, q_pos, k_pos, None, 0.5)
+    sel = list(range(sinks)) + list(range(n_ctx - n_chunk, n_ctx + n_rec))
+    want = attend(q, layer.keys[:, :, sel], layer.values[:, :, sel], q_pos, k_pos[..., sel], None, 0.5, None)
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(out, attend(q, layer.keys, layer.values, q_pos, k_pos, None, 0.5, None))
+    ReconStats(n_chunk=n_chunk, n_sink=sinks, attends=False)(other, q, other.keys, q_pos, k_pos, None, 0.5)
+    torch.testing.assert_close(layer.scores, other.scores)
+    torch.testing.assert_close(layer.obs, other.obs)
+    with pytest.raises(ValueError):
+        ReconStats(n_chunk=n_chunk, n_sink=sinks, local=False)
+
+
 def test_recon_prompt_ids():
     prompt = ReconPrompt(first=(7, 8), next_head=(9,), next_tail=(5,), overlap=3)
     ctx = torch.arange(100, 120).view(1, -1)
@@ -146,6 +190,27 @@ def test_scoring_passes_leave_no_trace(factory):
             assert a.length == b.length == 70
             torch.testing.assert_close(a.valid("keys"), b.valid("keys"))
             assert a.valid("scores") is not None and bool((a.valid("scores") > 0).any())
+
+
+def test_local_pass_scores_the_first_chunk_as_the_whole_cache_pass_and_later_ones_apart():
+    """Over the first chunk the cache is the chunk (no sinks before it): a local pass and
+    KVzip's whole-cache pass attend over the same keys and must score alike.  From the second
+    chunk on, the local pass no longer sees the older context: the first layer's scores (its
+    queries and keys come before any attention) stay the same, the next layer's differ."""
+    model = sharpen(tiny_llama(2))
+    torch.manual_seed(4)
+    ids = torch.randint(3, 100, (1, 40))  # chunks of 16, 16, 8
+
+    def scores(local_pass: bool):
+        eng = _engine(model, "snapkv", "1000", Scoring(name="recon", recon=RECON, local_pass=local_pass))
+        eng.prefill(ids)
+        return [layer.valid("scores").clone() for layer in eng.cache.growing_layers]
+
+    local, whole = scores(True), scores(False)
+    for a, b in zip(local, whole, strict=True):
+        torch.testing.assert_close(a[..., :16], b[..., :16])
+    torch.testing.assert_close(local[0], whole[0])
+    assert not torch.allclose(local[1][..., 16:], whole[1][..., 16:])
 
 
 def test_recon_scoring_runs_one_pass_per_chunk_and_window_none():

@@ -14,7 +14,8 @@ reference ``reference.attend``, kvcli's Triton kernels, or flash-attn where it i
 
 Statistics are recorded by the forward's collector (``stats``: an observation window, a
 question, or a reconstruction pass), always on a bounded set of queries, so no method needs
-eager attention or memory quadratic in the document.
+eager attention or memory quadratic in the document.  A collector that ``attends`` (a local
+reconstruction pass) computes a scored layer's output itself, over the keys it chooses.
 """
 
 from __future__ import annotations
@@ -82,8 +83,14 @@ def kvcli_attention(
         parts = layer.key_parts()
 
     collector = state.collector
-    observe_only = collector is not None and collector.observe_only
-    if split and not observe_only:
+    if collector is not None and not (isinstance(layer, GrowingLayer) and layer.track_scores):
+        collector = None  # this layer records nothing (a sliding layer, a layer that keeps all)
+    observe_only = state.collector is not None and state.collector.observe_only
+    if collector is not None and collector.attends:
+        # The collector attends itself (a local reconstruction pass): output and statistics
+        # from one softmax over the keys it chooses.
+        out = collector.attend(layer, query, parts if split else key, value, q_pos, k_pos, bias, scaling)
+    elif split and not observe_only:
         out = _pod_member_attention(layer, parts, query, value, q_pos, k_pos, bias, scaling, window)
     else:
         if split:
@@ -93,8 +100,7 @@ def kvcli_attention(
             out = attend(query, key, value, q_pos, k_pos, bias, scaling, window)
         else:
             out = get_backend(state.backend)(query, key, value, q_pos, k_pos, bias, scaling, window)
-
-    if collector is not None and isinstance(layer, GrowingLayer) and layer.track_scores:
+    if collector is not None and not collector.attends:
         collector(layer, query, parts if split else key, q_pos, k_pos, bias, scaling)
     if state.observer is not None:
         state.observer(module.layer_idx, query, q_pos, scaling)

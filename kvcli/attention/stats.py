@@ -12,7 +12,9 @@ method needs eager attention or memory quadratic in the document.
 * ``ReconStats``: the queries reconstruct the newest context entries (KVzip's "repeat the
   previous context" pass, see ``kvcli.engine.scoring``).  An entry's importance is the
   largest attention probability it receives from any reconstruction query of any query
-  head in its KV group; ``scores`` and ``obs`` both hold it, max-accumulated.
+  head in its KV group; ``scores`` and ``obs`` both hold it, max-accumulated.  By default
+  the pass also *attends* only over the sinks, the chunk and itself (``attends``): the
+  collector then computes the layer's output and its statistics from one softmax.
 """
 
 from __future__ import annotations
@@ -37,6 +39,9 @@ class Collector:
 
     #: The forward's own output is not used (a probe): the reference attention computes it.
     observe_only: ClassVar[bool] = False
+    #: The collector computes the layer's attention output itself (``attend``), over the keys
+    #: it chooses, instead of being called after the run's backend.
+    attends: bool = False
 
     def __call__(
         self,
@@ -48,6 +53,11 @@ class Collector:
         bias: torch.Tensor | None,
         scaling: float,
     ) -> None:
+        raise NotImplementedError
+
+    def attend(self, layer, query, key, value, q_pos, k_pos, bias, scaling) -> torch.Tensor:
+        """The layer's attention output ``[B, Hq, Lq, Dv]``, recording statistics on the way
+        (only for collectors with ``attends``)."""
         raise NotImplementedError
 
 
@@ -88,27 +98,62 @@ class ReconStats(Collector):
     softmax is taken over the sinks, the chunk and the reconstruction itself (``local``):
     older entries, scored by their own chunk's pass, are not re-normalised against it.
     ``local=False`` takes the softmax over the whole cache instead (every entry can gain).
+
+    ``attends`` (the default): the pass attends over those same keys (sinks, chunk,
+    reconstruction), so one softmax gives both the layer's output and the statistics, and the
+    pass costs about one forward of the chunk whatever the length of the context before it.
+    ``attends=False``: the pass attends over the whole cache (as KVzip's does) through the
+    run's backend, and the statistics are a second computation over the selected keys.
     """
 
     n_chunk: int
     n_sink: int
     local: bool = True
+    attends: bool = True
 
-    def __call__(self, layer, query, key, q_pos, k_pos, bias, scaling) -> None:
-        keys = key if isinstance(key, torch.Tensor) else torch.cat(key, dim=2)
-        lq, lk = query.shape[2], keys.shape[2]
+    def __post_init__(self) -> None:
+        if self.attends and not self.local:
+            raise ValueError("a pass that attends locally normalises locally: attends needs local")
+
+    def _local(self, lk: int, lq: int, device: torch.device) -> tuple[torch.Tensor, int, slice]:
+        """The keys a local softmax spans (sinks, then the chunk and the reconstruction) as
+        indices, the chunk's first entry in the layer, and the chunk's place among those keys."""
         n_ctx = lk - lq
         start = max(0, n_ctx - self.n_chunk)
+        sinks = min(self.n_sink, start)
+        sel = torch.cat([torch.arange(sinks), torch.arange(start, lk)]).to(device)
+        return sel, start, slice(sinks, sinks + n_ctx - start)
+
+    def __call__(self, layer, query, key, q_pos, k_pos, bias, scaling) -> None:
+        keys = _joined(key)
+        lq, lk = query.shape[2], keys.shape[2]
         if self.local:
-            sinks = min(self.n_sink, start)
-            sel = torch.cat([torch.arange(sinks), torch.arange(start, lk)]).to(keys.device)
-            ctx_part, at = slice(sinks, sinks + n_ctx - start), start  # the chunk among the selected keys
+            sel, at, chunk = self._local(lk, lq, keys.device)
         else:
-            sel = torch.arange(lk, device=keys.device)
-            ctx_part, at = slice(0, n_ctx), 0
-        sel_bias = None if bias is None else bias[..., sel]
-        best = max_attention(query, keys[:, :, sel], q_pos, k_pos[..., sel], sel_bias, scaling)
-        layer.raise_scores(best[..., ctx_part], at)
+            sel, at, chunk = torch.arange(lk, device=keys.device), 0, slice(0, lk - lq)
+        sel_bias = None if bias is None else bias.index_select(-1, sel)
+        best = max_attention(query, keys.index_select(2, sel), q_pos, k_pos.index_select(-1, sel), sel_bias, scaling)
+        layer.raise_scores(best[..., chunk], at)
+
+    def attend(self, layer, query, key, value, q_pos, k_pos, bias, scaling) -> torch.Tensor:
+        keys = _joined(key)
+        sel, at, chunk = self._local(keys.shape[2], query.shape[2], keys.device)
+        sel_bias = None if bias is None else bias.index_select(-1, sel)
+        out, best = attend_max(
+            query,
+            keys.index_select(2, sel),
+            value.index_select(2, sel),
+            q_pos,
+            k_pos.index_select(-1, sel),
+            sel_bias,
+            scaling,
+        )
+        layer.raise_scores(best[..., chunk], at)
+        return out
+
+
+def _joined(key: KeyArg) -> torch.Tensor:
+    return key if isinstance(key, torch.Tensor) else torch.cat(key, dim=2)
 
 
 def max_attention(
@@ -149,6 +194,49 @@ def max_attention(
             logits[..., lo:hi].masked_fill_(k_pos[..., lo:hi] > qp.view(1, 1, 1, n, 1), -math.inf)
         best[..., :hi] = torch.maximum(best[..., :hi], torch.softmax(logits, dim=-1).amax(dim=(2, 3)))
     return best
+
+
+def attend_max(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    q_pos: torch.Tensor,
+    k_pos: torch.Tensor,
+    bias: torch.Tensor | None,
+    scaling: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention and its statistics from one softmax: the output ``[B, Hq, Lq, Dv]`` (query's
+    dtype, causal by position, ``bias`` added) and ``max_attention``'s ``[B, Hkv, Lk]``.
+
+    Eager (the probabilities are needed), so meant for short key sets such as a local
+    reconstruction pass's; queries go ``RECON_QUERY_BLOCK`` at a time, each block's logits
+    only up to the last key it can see, as in ``max_attention``."""
+    b, hq, lq, d = query.shape
+    hkv, lk = key.shape[1], key.shape[2]
+    g = hq // hkv
+    k = key.float().transpose(-1, -2).unsqueeze(2)  # [B, Hkv, 1, D, Lk]
+    v = value.float().unsqueeze(2)  # [B, Hkv, 1, Lk, Dv]
+    flat_pos = k_pos.reshape(-1, lk)
+    k_pos = k_pos.unsqueeze(2).unsqueeze(3)
+    extra = None if bias is None else bias.float().unsqueeze(2).unsqueeze(3)
+    out = torch.zeros((b, hkv, g, lq, value.shape[-1]), dtype=torch.float32, device=query.device)
+    best = torch.zeros((b, hkv, lk), dtype=torch.float32, device=key.device)
+    for s in range(0, lq, RECON_QUERY_BLOCK):
+        qp = q_pos[s : s + RECON_QUERY_BLOCK]
+        n = qp.shape[0]
+        lo, hi = _mask_span(flat_pos, int(qp.min()), int(qp.max()))
+        if hi == 0:  # nothing visible: the output stays zero, as no key contributes
+            continue
+        q = query[:, :, s : s + n].float().reshape(b, hkv, g, n, d)
+        logits = torch.matmul(q, k[..., :hi]).mul_(scaling)  # [B, Hkv, G, n, hi]
+        if extra is not None:
+            logits.add_(extra[..., :hi])
+        if hi > lo:
+            logits[..., lo:hi].masked_fill_(k_pos[..., lo:hi] > qp.view(1, 1, 1, n, 1), -math.inf)
+        probs = torch.softmax(logits, dim=-1)
+        best[..., :hi] = torch.maximum(best[..., :hi], probs.amax(dim=(2, 3)))
+        out[:, :, :, s : s + n] = torch.matmul(probs, v[:, :, :, :hi])
+    return out.reshape(b, hq, lq, -1).to(query.dtype), best
 
 
 def _mask_span(positions: torch.Tensor, first: int, last: int) -> tuple[int, int]:

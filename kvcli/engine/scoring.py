@@ -12,7 +12,11 @@ statistics, after every prefill chunk and before it is compressed.
   previous context exactly, starting with" + the previous chunk's last ``overlap`` tokens
   for the others), the chunk's own tokens are teacher-forced after the prompt, and every
   entry of the chunk gets the largest attention probability any reconstruction query of its
-  KV group pays it.  The pass is rolled back.  About one more forward of the chunk.
+  KV group pays it.  The pass is rolled back.  Its scored layers attend only over the sinks,
+  the chunk and the pass itself (``local_pass``, the default), where KVzip's attends over the
+  whole cache: the scores are normalised over those same keys either way, and the pass then
+  costs one forward of the chunk however long the context before it (measured in
+  docs/scoring.md; ``local_pass=False`` is KVzip's whole-cache pass).
 * ``recon+question``: both; an entry keeps the larger score.
 
 Choosing among them (``auto``) is the API's job: it knows whether the questions are known
@@ -59,6 +63,7 @@ class Scoring:
     questions: list[list[int]] = field(default_factory=list)  # ids of each question as asked after the document
     recon: ReconPrompt | None = None
     n_sink: int = defaults.N_SINK  # sinks the reconstruction softmax keeps beside the chunk (KVzip: 4)
+    local_pass: bool = True  # the reconstruction attends over sinks + chunk + itself, not the whole cache
 
     def __post_init__(self) -> None:
         if self.name not in SCORINGS:
@@ -77,7 +82,10 @@ class Scoring:
         """The rolled-back forwards to run after chunk ``start:end`` of ``context``, each with
         the collector that records what it observes."""
         if self.recon is not None and "recon" in self.name:
-            yield self.recon.ids(context, start, end), ReconStats(n_chunk=end - start, n_sink=self.n_sink)
+            yield (
+                self.recon.ids(context, start, end),
+                ReconStats(n_chunk=end - start, n_sink=self.n_sink, attends=self.local_pass),
+            )
         if "question" in self.name:
             for i, q in enumerate(self.questions):
                 # After reconstruction the first question must not overwrite obs: keep the larger.
