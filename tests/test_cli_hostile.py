@@ -431,6 +431,13 @@ def test_fast_paths_import_no_torch(tmp_path, doc):
     assert report["codes"] == [0, 0, 0, 0, 0] + [2] * (len(cases) - 5), (report, proc.stderr)
 
 
+def _sigint_default() -> None:
+    """In the child before exec: SIGINT back to its default.  A suite started in the
+    background by a non-interactive shell (``nohup pytest &``) has SIGINT ignored, which the
+    child would inherit, and Python then installs no handler: the interrupt would be lost."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_exits_130(tmp_path):
     """SIGINT while kvcli waits on its document (stdin held open): exit 130, one line, nothing on stdout."""
     proc = subprocess.Popen(
@@ -440,6 +447,7 @@ def test_ctrl_c_exits_130(tmp_path):
         stderr=subprocess.PIPE,
         text=True,
         env=_env(tmp_path),
+        preexec_fn=_sigint_default,
     )
     try:
         assert proc.stdin is not None
@@ -467,6 +475,7 @@ def test_ctrl_c_during_work_leaves_no_output(tmp_path):
         stderr=subprocess.PIPE,
         text=True,
         env=_env(tmp_path),
+        preexec_fn=_sigint_default,
     )
     try:
         time.sleep(8)  # torch and transformers imported, the estimate running (a million chunks)
