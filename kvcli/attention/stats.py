@@ -20,6 +20,7 @@ method needs eager attention or memory quadratic in the document.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -166,33 +167,11 @@ def max_attention(
 ) -> torch.Tensor:
     """The largest attention probability each key receives from any query of any query head
     in its KV group: ``[B, Hkv, Lk]`` (float32).  Queries are taken ``RECON_QUERY_BLOCK`` at
-    a time (each softmax row is independent), so the logits held stay bounded.
-
-    Per block, logits are computed only up to the last key some query of the block can see
-    (the keys after it receive nothing), and the causal mask is applied only from the first
-    key some query of the block cannot see (every key before it is visible to all of them):
-    in a reconstruction pass that leaves the mask to the reconstruction's own keys."""
-    b, hq, lq, d = query.shape
-    hkv, lk = key.shape[1], key.shape[2]
-    g = hq // hkv
-    k = key.float().transpose(-1, -2).unsqueeze(2)  # [B, Hkv, 1, D, Lk]: one key set per group
-    flat_pos = k_pos.reshape(-1, lk)  # every (batch, head) row of positions
-    k_pos = k_pos.unsqueeze(2).unsqueeze(3)  # [B, H', 1, 1, Lk]
-    extra = None if bias is None else bias.float().unsqueeze(2).unsqueeze(3)
+    a time (each softmax row is independent), so the logits held stay bounded."""
+    b, hkv, lk = key.shape[0], key.shape[1], key.shape[2]
     best = torch.zeros((b, hkv, lk), dtype=torch.float32, device=key.device)
-    for s in range(0, lq, RECON_QUERY_BLOCK):
-        qp = q_pos[s : s + RECON_QUERY_BLOCK]
-        n = qp.shape[0]
-        lo, hi = _mask_span(flat_pos, int(qp.min()), int(qp.max()))
-        if hi == 0:  # no key visible to any query of the block
-            continue
-        q = query[:, :, s : s + n].float().reshape(b, hkv, g, n, d)
-        logits = torch.matmul(q, k[..., :hi]).mul_(scaling)  # [B, Hkv, G, n, hi]
-        if extra is not None:
-            logits.add_(extra[..., :hi])
-        if hi > lo:  # masked in place, broadcast (nothing expanded to G x n x Lk)
-            logits[..., lo:hi].masked_fill_(k_pos[..., lo:hi] > qp.view(1, 1, 1, n, 1), -math.inf)
-        best[..., :hi] = torch.maximum(best[..., :hi], torch.softmax(logits, dim=-1).amax(dim=(2, 3)))
+    for _, _, hi, probs in _block_probs(query, key, q_pos, k_pos, bias, scaling):
+        best[..., :hi] = torch.maximum(best[..., :hi], probs.amax(dim=(2, 3)))
     return best
 
 
@@ -209,34 +188,55 @@ def attend_max(
     dtype, causal by position, ``bias`` added) and ``max_attention``'s ``[B, Hkv, Lk]``.
 
     Eager (the probabilities are needed), so meant for short key sets such as a local
-    reconstruction pass's; queries go ``RECON_QUERY_BLOCK`` at a time, each block's logits
-    only up to the last key it can see, as in ``max_attention``."""
+    reconstruction pass's."""
+    b, hq, lq, _ = query.shape
+    hkv, lk = key.shape[1], key.shape[2]
+    v = value.float().unsqueeze(2)  # [B, Hkv, 1, Lk, Dv]
+    # A block with no key visible keeps a zero output: no key contributes to it.
+    out = torch.zeros((b, hkv, hq // hkv, lq, value.shape[-1]), dtype=torch.float32, device=query.device)
+    best = torch.zeros((b, hkv, lk), dtype=torch.float32, device=key.device)
+    for s, n, hi, probs in _block_probs(query, key, q_pos, k_pos, bias, scaling):
+        best[..., :hi] = torch.maximum(best[..., :hi], probs.amax(dim=(2, 3)))
+        out[:, :, :, s : s + n] = torch.matmul(probs, v[:, :, :, :hi])
+    return out.reshape(b, hq, lq, -1).to(query.dtype), best
+
+
+def _block_probs(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    q_pos: torch.Tensor,
+    k_pos: torch.Tensor,
+    bias: torch.Tensor | None,
+    scaling: float,
+) -> Iterator[tuple[int, int, int, torch.Tensor]]:
+    """Attention probabilities ``RECON_QUERY_BLOCK`` queries at a time: ``(first query, n,
+    hi, probs)`` with ``probs`` ``[B, Hkv, G, n, hi]`` (float32, the queries of a KV group
+    stacked).  Blocks whose queries see no key are skipped.
+
+    Per block, logits are computed only up to the last key some query of the block can see
+    (the keys after it receive nothing), and the causal mask is applied only from the first
+    key some query of the block cannot see (every key before it is visible to all of them):
+    in a reconstruction pass that leaves the mask to the reconstruction's own keys."""
     b, hq, lq, d = query.shape
     hkv, lk = key.shape[1], key.shape[2]
     g = hq // hkv
-    k = key.float().transpose(-1, -2).unsqueeze(2)  # [B, Hkv, 1, D, Lk]
-    v = value.float().unsqueeze(2)  # [B, Hkv, 1, Lk, Dv]
-    flat_pos = k_pos.reshape(-1, lk)
-    k_pos = k_pos.unsqueeze(2).unsqueeze(3)
+    k = key.float().transpose(-1, -2).unsqueeze(2)  # [B, Hkv, 1, D, Lk]: one key set per group
+    flat_pos = k_pos.reshape(-1, lk)  # every (batch, head) row of positions
+    k_pos = k_pos.unsqueeze(2).unsqueeze(3)  # [B, H', 1, 1, Lk]
     extra = None if bias is None else bias.float().unsqueeze(2).unsqueeze(3)
-    out = torch.zeros((b, hkv, g, lq, value.shape[-1]), dtype=torch.float32, device=query.device)
-    best = torch.zeros((b, hkv, lk), dtype=torch.float32, device=key.device)
     for s in range(0, lq, RECON_QUERY_BLOCK):
         qp = q_pos[s : s + RECON_QUERY_BLOCK]
         n = qp.shape[0]
         lo, hi = _mask_span(flat_pos, int(qp.min()), int(qp.max()))
-        if hi == 0:  # nothing visible: the output stays zero, as no key contributes
+        if hi == 0:  # no key visible to any query of the block
             continue
         q = query[:, :, s : s + n].float().reshape(b, hkv, g, n, d)
         logits = torch.matmul(q, k[..., :hi]).mul_(scaling)  # [B, Hkv, G, n, hi]
         if extra is not None:
             logits.add_(extra[..., :hi])
-        if hi > lo:
+        if hi > lo:  # masked in place, broadcast (nothing expanded to G x n x Lk)
             logits[..., lo:hi].masked_fill_(k_pos[..., lo:hi] > qp.view(1, 1, 1, n, 1), -math.inf)
-        probs = torch.softmax(logits, dim=-1)
-        best[..., :hi] = torch.maximum(best[..., :hi], probs.amax(dim=(2, 3)))
-        out[:, :, :, s : s + n] = torch.matmul(probs, v[:, :, :, :hi])
-    return out.reshape(b, hq, lq, -1).to(query.dtype), best
+        yield s, n, hi, torch.softmax(logits, dim=-1)
 
 
 def _mask_span(positions: torch.Tensor, first: int, last: int) -> tuple[int, int]:
