@@ -213,6 +213,54 @@ def test_local_pass_scores_the_first_chunk_as_the_whole_cache_pass_and_later_one
     assert not torch.allclose(local[1][..., 16:], whole[1][..., 16:])
 
 
+@pytest.mark.parametrize("factory", [lambda: tiny_llama(2), tiny_gemma3])
+@pytest.mark.parametrize("method", ["snapkv", "kvmerger"])
+def test_detached_pass_equals_a_stored_and_rolled_back_one(factory, method):
+    """A detached reconstruction pass (its entries attended straight from the forward, never
+    stored) must score, compress and answer exactly as the same pass stored in the cache and
+    rolled back; only the cache's size during the pass differs."""
+    model = sharpen(factory())
+    torch.manual_seed(5)
+    ids = torch.randint(3, 100, (1, 56))  # chunks of 16, 16, 16, 8: compressed after each
+
+    def run(detached: bool) -> Engine:
+        eng = _engine(model, method, "0.5", Scoring(name="recon", recon=RECON, detached_pass=detached))
+        eng.last = eng.prefill(ids)
+        return eng
+
+    det, stored = run(True), run(False)
+    torch.testing.assert_close(det.last, stored.last, rtol=0, atol=0)
+    for a, b in zip(det.cache.growing_layers, stored.cache.growing_layers, strict=True):
+        assert a.length == b.length < 56
+        for name in ("keys", "values", "positions", "counts", "scores", "obs"):
+            if b.valid(name) is None:
+                assert a.valid(name) is None
+            else:
+                torch.testing.assert_close(a.valid(name), b.valid(name), rtol=0, atol=0)
+    # the stored pass makes the cache larger than the chunk did; the detached one leaves the
+    # scored layers as they were (a sliding layer, Gemma's, still stores and rolls back)
+    assert stored.stats.max_scoring_cache_bytes > stored.stats.max_cache_bytes
+    assert det.stats.max_scoring_cache_bytes < stored.stats.max_scoring_cache_bytes
+    if len(det.cache.growing_layers) == len(det.cache.kv_layers):
+        assert det.stats.max_scoring_cache_bytes <= det.stats.max_cache_bytes
+    assert all(layer.pending is None for layer in det.cache.growing_layers)
+
+
+def test_pod_runs_its_passes_stored():
+    """PoD members read their anchor's keys, so anchor and member must hold the same entries:
+    a cache with members is not detachable and its passes are stored and rolled back."""
+    model = sharpen(tiny_llama(4))
+    eng = _engine(model, "pod+snapkv", "0.5", Scoring(name="recon", recon=RECON))
+    assert not eng.cache.detachable
+    seen = []
+    real = eng.forward
+    eng.forward = lambda ids, collector=None: (seen.append(eng.cache.clock.detached), real(ids, collector))[1]
+    eng.prefill(torch.randint(3, 100, (1, 40)))  # 3 chunks, each followed by its pass
+    assert len(seen) == 6 and not any(seen)
+    plain = _engine(model, "snapkv", "0.5", Scoring(name="recon", recon=RECON))
+    assert plain.cache.detachable
+
+
 def test_recon_scoring_runs_one_pass_per_chunk_and_window_none():
     model = sharpen(tiny_llama(2))
     calls = []

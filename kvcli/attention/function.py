@@ -89,7 +89,9 @@ def kvcli_attention(
     if collector is not None and collector.attends:
         # The collector attends itself (a local reconstruction pass): output and statistics
         # from one softmax over the keys it chooses.
-        out = collector.attend(layer, query, parts if split else key, value, q_pos, k_pos, bias, scaling)
+        # A detached pass (``Clock.detached``) left its own entries in ``layer.pending``.
+        pending, layer.pending = layer.pending, None
+        out = collector.attend(layer, query, parts if split else key, value, q_pos, k_pos, bias, scaling, pending)
     elif split and not observe_only:
         out = _pod_member_attention(layer, parts, query, value, q_pos, k_pos, bias, scaling, window)
     else:

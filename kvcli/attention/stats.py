@@ -56,9 +56,11 @@ class Collector:
     ) -> None:
         raise NotImplementedError
 
-    def attend(self, layer, query, key, value, q_pos, k_pos, bias, scaling) -> torch.Tensor:
+    def attend(self, layer, query, key, value, q_pos, k_pos, bias, scaling, pending=None) -> torch.Tensor:
         """The layer's attention output ``[B, Hq, Lq, Dv]``, recording statistics on the way
-        (only for collectors with ``attends``)."""
+        (only for collectors with ``attends``).  ``pending``: the forward's own keys and
+        values when the layer did not store them (a detached pass, ``GrowingLayer.pending``);
+        ``key``/``value``/``k_pos``/``bias`` then cover the stored context only."""
         raise NotImplementedError
 
 
@@ -136,19 +138,25 @@ class ReconStats(Collector):
         best = max_attention(query, keys.index_select(2, sel), q_pos, k_pos.index_select(-1, sel), sel_bias, scaling)
         layer.raise_scores(best[..., chunk], at)
 
-    def attend(self, layer, query, key, value, q_pos, k_pos, bias, scaling) -> torch.Tensor:
+    def attend(self, layer, query, key, value, q_pos, k_pos, bias, scaling, pending=None) -> torch.Tensor:
         keys = _joined(key)
-        sel, at, chunk = self._local(keys.shape[2], query.shape[2], keys.device)
-        sel_bias = None if bias is None else bias.index_select(-1, sel)
-        out, best = attend_max(
-            query,
-            keys.index_select(2, sel),
-            value.index_select(2, sel),
-            q_pos,
-            k_pos.index_select(-1, sel),
-            sel_bias,
-            scaling,
-        )
+        if pending is None:  # the pass's entries are the last keys of the layer
+            sel, at, chunk = self._local(keys.shape[2], query.shape[2], keys.device)
+            k, v, kp = keys.index_select(2, sel), value.index_select(2, sel), k_pos.index_select(-1, sel)
+            b = None if bias is None else bias.index_select(-1, sel)
+        else:  # a detached pass: the layer holds the context only, the pass's entries come apart
+            sel, at, chunk = self._local(keys.shape[2], 0, keys.device)
+            own_k, own_v = pending
+            n = own_k.shape[2]
+            k = torch.cat([keys.index_select(2, sel), own_k], dim=2)
+            v = torch.cat([value.index_select(2, sel), own_v], dim=2)
+            own_pos = q_pos.to(k_pos.dtype).view(1, 1, n).expand(*k_pos.shape[:2], n)
+            kp = torch.cat([k_pos.index_select(-1, sel), own_pos], dim=-1)
+            # the pass's own entries are single tokens: count 1, a log-count bias of 0
+            b = None
+            if bias is not None:
+                b = torch.cat([bias.index_select(-1, sel), bias.new_zeros((*bias.shape[:2], n))], dim=-1)
+        out, best = attend_max(query, k, v, q_pos, kp, b, scaling)
         layer.raise_scores(best[..., chunk], at)
         return out
 

@@ -63,6 +63,12 @@ class KVCache(Cache):
     def growing_indices(self) -> list[int]:
         return [i for i, layer in enumerate(self.kv_layers) if isinstance(layer, GrowingLayer)]
 
+    @property
+    def detachable(self) -> bool:
+        """Whether a pass can run detached (``Clock.detached``): no layer's entries are read
+        through another's (PoD members are not)."""
+        return all(layer.detachable for layer in self.growing_layers)
+
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seen
 

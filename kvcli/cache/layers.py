@@ -30,6 +30,9 @@ class Clock:
 
     def __init__(self) -> None:
         self.positions: torch.Tensor | None = None  # [Lq] long
+        # A rolled-back pass whose scored layers attend only over keys they choose (a local
+        # reconstruction pass): those layers do not store its entries (``GrowingLayer.pending``).
+        self.detached = False
 
     def now(self) -> torch.Tensor:
         """The positions announced for the current forward."""
@@ -47,9 +50,15 @@ class GrowingLayer(CacheLayerMixin):
     (long), ``counts`` (float, tokens merged into the entry), ``scores`` (accumulated
     attention received, H2O-style) and ``obs`` (attention from the latest observation
     window, SnapKV-style).
+
+    During a detached pass (``Clock.detached``), a layer that tracks scores stores nothing:
+    the forward's keys and values wait in ``pending`` for this layer's attention, which
+    takes them (the pass is rolled back anyway, so the cache never grows by it).
     """
 
     is_sliding = False
+    #: Whether the layer can leave a detached pass unstored (``KVCache.detachable``).
+    detachable = True
     is_compileable = False
     keys: torch.Tensor  # once initialized (the first ``update``)
     values: torch.Tensor
@@ -67,6 +76,7 @@ class GrowingLayer(CacheLayerMixin):
         self.counts: torch.Tensor | None = None
         self.scores: torch.Tensor | None = None
         self.obs: torch.Tensor | None = None
+        self.pending: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # ---- transformers' layer API -------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -81,6 +91,9 @@ class GrowingLayer(CacheLayerMixin):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        if self.clock.detached and self.track_scores:
+            self.pending = (key_states, value_states)
+            return self.keys[:, :, : self.length], self.values[:, :, : self.length]
         self.keys = self._append(self.keys, key_states, self.length)
         self._append_entries(value_states)
         return self.keys[:, :, : self.length], self.values[:, :, : self.length]
@@ -251,6 +264,7 @@ class GrowingLayer(CacheLayerMixin):
         # The room the rolled-back tokens took is given back (a scoring pass or an answer
         # must not leave the cache physically larger than its entries).
         self.length = state["length"]
+        self.pending = None
         self.compact()
 
 
@@ -267,6 +281,7 @@ class SharedKeyLayer(GrowingLayer):
     """
 
     split_keys = False
+    detachable = False  # its distant keys are its anchor's: the two must hold the same entries
     head_keys: torch.Tensor  # once initialized (the first ``update``)
     tail_keys: torch.Tensor
 

@@ -120,10 +120,14 @@ class Engine:
         """A scoring pass: forward ``ids`` after the context with ``collector`` recording what
         they attend to, then remove every trace of them from the cache."""
         mark = self.cache.checkpoint()
+        # A pass whose scored layers attend over keys they choose need not store its entries
+        # there: the cache does not grow by the pass at all (``Clock.detached``).
+        self.cache.clock.detached = collector.attends and self.scoring.detached_pass and self.cache.detachable
         try:
             self.forward(ids, collector)
             self.stats.max_scoring_cache_bytes = max(self.stats.max_scoring_cache_bytes, self.cache.nbytes())
         finally:
+            self.cache.clock.detached = False
             self.cache.rollback(mark)
 
     def prefill(self, ids: torch.Tensor, on_chunk: Callable[[int, int], None] | None = None) -> torch.Tensor:

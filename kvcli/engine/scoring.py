@@ -16,7 +16,9 @@ statistics, after every prefill chunk and before it is compressed.
   the chunk and the pass itself (``local_pass``, the default), where KVzip's attends over the
   whole cache: the scores are normalised over those same keys either way, and the pass then
   costs one forward of the chunk however long the context before it (measured in
-  docs/scoring.md; ``local_pass=False`` is KVzip's whole-cache pass).
+  docs/scoring.md; ``local_pass=False`` is KVzip's whole-cache pass).  Its entries are not
+  even stored in the scored layers (``detached_pass``): each layer attends over them
+  straight from the forward, so the cache does not grow by the pass.
 * ``recon+question``: both; an entry keeps the larger score.
 
 Choosing among them (``auto``) is the API's job: it knows whether the questions are known
@@ -64,6 +66,9 @@ class Scoring:
     recon: ReconPrompt | None = None
     n_sink: int = defaults.N_SINK  # sinks the reconstruction softmax keeps beside the chunk (KVzip: 4)
     local_pass: bool = True  # the reconstruction attends over sinks + chunk + itself, not the whole cache
+    # With the local pass, its entries are not stored in the scored layers (attended straight
+    # from the forward, ``Clock.detached``): False stores and rolls them back, to compare.
+    detached_pass: bool = True
 
     def __post_init__(self) -> None:
         if self.name not in SCORINGS:
