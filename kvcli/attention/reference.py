@@ -23,6 +23,24 @@ def allowed_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -
     return ok
 
 
+def mask_positions(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Key positions ``[B, H', Lk]`` the mask can be built from: one row for all KV heads
+    (``[B, 1, Lk]``) when the heads' positions differ only at keys every query sees.
+
+    A compressed cache keeps different entries per KV head, but a prefill chunk's queries
+    come after all of them; only the chunk's own keys, the same in every head, need the
+    causal mask.  A mask shared by the heads is the same mask, a third (SmolLM2) of the size:
+    the per-head one (and the float copy the kernel makes of it) was about 100 MiB for one
+    layer of 512 queries over 4K keys, more than the transient of the full cache's.
+    """
+    if window is not None or k_pos.shape[1] == 1:
+        return k_pos
+    differ = (k_pos != k_pos[:, :1]).any(dim=1, keepdim=True)  # [B, 1, Lk]
+    if bool((differ & (k_pos > q_pos.min())).any()):  # some head's key is hidden from some query
+        return k_pos
+    return k_pos[:, :1]
+
+
 def attend(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -42,13 +60,19 @@ def attend(
     b, hq, lq, d = query.shape
     hkv, lk = key.shape[1], key.shape[2]
     g = hq // hkv
-    ok = allowed_mask(q_pos, k_pos, window)  # [B, H', Lq, Lk]
     if bias is not None:
-        mask = torch.where(
-            ok, bias.unsqueeze(2).to(query.dtype), torch.tensor(-math.inf, dtype=query.dtype, device=query.device)
-        )
-    else:
-        mask = ok
+        # The log-count bias as one more dimension of the dot product (query 1, key
+        # bias / scaling): the mask stays boolean and shared by the heads, where adding the
+        # bias to it made a float mask per KV head and query (the size of the logits).  The
+        # values get a zero column too: the fused CPU kernel wants them as wide as the keys.
+        query = torch.cat([query, query.new_ones((b, hq, lq, 1))], dim=-1)
+        extra = (bias.to(torch.float32) / scaling).to(key.dtype).expand(b, hkv, lk).unsqueeze(-1)
+        key = torch.cat([key, extra], dim=-1)
+        dv = value.shape[-1]
+        if dv == d:
+            value = torch.cat([value, value.new_zeros((*value.shape[:3], 1))], dim=-1)
+        d += 1
+    mask = allowed_mask(q_pos, mask_positions(q_pos, k_pos, window), window)  # [B, H' or 1, Lq, Lk]
     if g > 1:
         q = query.reshape(b, hkv, g * lq, d)
         mask = (
@@ -59,7 +83,9 @@ def attend(
     else:
         q = query
     out = F.scaled_dot_product_attention(q, key, value, attn_mask=mask, scale=scaling)
-    return out.reshape(b, hq, lq, value.shape[-1])
+    if bias is not None and value.shape[-1] == d:  # the values' zero column
+        out = out[..., :-1]
+    return out.reshape(b, hq, lq, out.shape[-1])
 
 
 def received_attention(
