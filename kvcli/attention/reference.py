@@ -60,6 +60,7 @@ def attend(
     b, hq, lq, d = query.shape
     hkv, lk = key.shape[1], key.shape[2]
     g = hq // hkv
+    padded = False
     if bias is not None:
         # The log-count bias as one more dimension of the dot product (query 1, key
         # bias / scaling): the mask stays boolean and shared by the heads, where adding the
@@ -68,8 +69,8 @@ def attend(
         query = torch.cat([query, query.new_ones((b, hq, lq, 1))], dim=-1)
         extra = (bias.to(torch.float32) / scaling).to(key.dtype).expand(b, hkv, lk).unsqueeze(-1)
         key = torch.cat([key, extra], dim=-1)
-        dv = value.shape[-1]
-        if dv == d:
+        padded = value.shape[-1] == d
+        if padded:
             value = torch.cat([value, value.new_zeros((*value.shape[:3], 1))], dim=-1)
         d += 1
     mask = allowed_mask(q_pos, mask_positions(q_pos, k_pos, window), window)  # [B, H' or 1, Lq, Lk]
@@ -83,7 +84,7 @@ def attend(
     else:
         q = query
     out = F.scaled_dot_product_attention(q, key, value, attn_mask=mask, scale=scaling)
-    if bias is not None and value.shape[-1] == d:  # the values' zero column
+    if padded:  # the values' zero column
         out = out[..., :-1]
     return out.reshape(b, hq, lq, out.shape[-1])
 
