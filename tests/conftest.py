@@ -116,6 +116,37 @@ class IdTokenizer:
         return "".join(chr(i) for i in ids)
 
 
+class CharTokenizer(IdTokenizer):
+    """IdTokenizer (one token per character) that can also be called on a batch, as the
+    task generators do with Hugging Face tokenizers."""
+
+    def __call__(self, texts, add_special_tokens=False):
+        return {"input_ids": [self.encode(t) for t in texts]}
+
+
+@pytest.fixture
+def one_thread(request):
+    """Tiny models are dominated by per-op overhead; one thread is ~10x faster on a busy
+    2-core machine (a test marked slow, on the real model, keeps the default).  A module
+    takes it with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    if request.node.get_closest_marker("slow"):
+        yield
+        return
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+def tiny_eval_lm():
+    """A tiny Llama (2 KV heads) with ``CharTokenizer``, wrapped for the eval suite."""
+    from kvcli import api
+
+    return api.wrap_model(tiny_llama(num_kv_heads=2), CharTokenizer())
+
+
 MODEL_FACTORIES = {
     "llama-gqa": lambda: tiny_llama(num_kv_heads=2),
     "llama-mqa": lambda: tiny_llama(num_kv_heads=1),

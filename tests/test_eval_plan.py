@@ -7,23 +7,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvcli import api
 from kvcli.cli.eta import Eta, clock_text, minutes_text, work_text
 from kvcli.core import defaults
 from kvcli.eval.runner import EvalSettings, SyntheticTasks, plan_eval, plan_runs, run_eval, synthetic_items
 from kvcli.eval.speed import measure_speed
 
-from conftest import IdTokenizer, tiny_llama
-
-
-class CharTokenizer(IdTokenizer):
-    def __call__(self, texts, add_special_tokens=False):
-        return {"input_ids": [self.encode(t) for t in texts]}
+from conftest import tiny_eval_lm
 
 
 @pytest.fixture(scope="module")
 def tiny_lm():
-    return api.wrap_model(tiny_llama(num_kv_heads=2), CharTokenizer())
+    return tiny_eval_lm()
 
 
 # ---- the ETA -------------------------------------------------------------------------------------
@@ -125,7 +119,7 @@ def test_cli_eval_defaults_and_plan(tmp_path, monkeypatch, full):
 
     seen = {}
 
-    def fake_run(lm, items, settings, on_step=None, config=None, on_chunk=None):
+    def fake_run(lm, items, settings, on_step=None, config=None, on_chunk=None, journal=None):
         seen.update(items=items, settings=settings)
         return EvalResult(rows=[], config=dict(config or {}))
 

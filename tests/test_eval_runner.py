@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from kvcli import api
 from kvcli.cli import eval as cli_eval
@@ -22,35 +21,14 @@ from kvcli.eval.runner import EvalItem, EvalSettings, question_items, run_eval, 
 from kvcli.eval.tasks import generate_task
 from kvcli.methods import method_names
 
-from conftest import IdTokenizer, tiny_gemma3, tiny_llama
+from conftest import CharTokenizer, tiny_eval_lm, tiny_gemma3, tiny_llama
 
-
-@pytest.fixture(autouse=True)
-def _one_thread(request):
-    """Tiny models are dominated by per-op overhead; one thread is ~10x faster on a busy
-    2-core machine (the slow test on the real model keeps the default)."""
-    if request.node.get_closest_marker("slow"):
-        yield
-        return
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
-
-
-class CharTokenizer(IdTokenizer):
-    """IdTokenizer (one token per character) that can also be called on a batch, as the
-    task generators do with Hugging Face tokenizers."""
-
-    def __call__(self, texts, add_special_tokens=False):
-        return {"input_ids": [self.encode(t) for t in texts]}
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def tiny_lm():
-    return api.wrap_model(tiny_llama(num_kv_heads=2), CharTokenizer())
+    return tiny_eval_lm()
 
 
 def _items(lm, kinds=("niah_single", "vt"), lengths=(300,), samples=1):

@@ -193,8 +193,21 @@ def eval_command(
     no_adapter: NoAdapterOpt = False,
     truncate: TruncOpt = False,
     out: Annotated[
-        str, typer.Option("--out", help="Directory for results.csv, results.json and results.md.")
+        str,
+        typer.Option(
+            "--out",
+            help="Directory for results.csv, results.json and results.md, and journal.jsonl: every "
+            "finished prefill's rows, written as the run goes; a later run in the same directory "
+            "takes from it what it would compute again (the same model, code, task and settings), "
+            "so a run that was cut off resumes.",
+        ),
     ] = defaults.EVAL_OUT,
+    rerun: Annotated[
+        bool,
+        typer.Option(
+            "--rerun", help="Run every prefill again, taking nothing from --out's journal (it still gets the new rows)."
+        ),
+    ] = False,
     plot: Annotated[
         str | None,
         typer.Option(
@@ -238,6 +251,7 @@ def eval_command(
     from ..attention.backends import resolve_backend
     from ..engine.engine import check_chunk_size
     from ..eval import runner
+    from ..eval.journal import Journal
     from ..eval.report import json_text, prepare_dir, write_plots, write_results
     from ..eval.scoring import load_questions
 
@@ -271,37 +285,49 @@ def eval_command(
     plot_dir = prepare_dir(plot, "--plot") if plot else None
 
     # ---- the run ----------------------------------------------------------------------------
-    lm = load_model(model, device, dtype, quiet or as_json)
-    if suite is not None:
-        suite.check(lm.max_positions)
-        items = suite.items(lm.tokenizer)
-    else:
-        items = runner.question_items(doc.text, qs, lm.tokenizer)
+    with Journal(out_dir, reuse=not rerun) as journal:  # opened (and locked) before the model loads
+        if journal.cut_bytes and not (quiet or as_json):
+            err.print(f"{journal.path}: removed a cut-off last line left by an interrupted run", highlight=False)
+        lm = load_model(model, device, dtype, quiet or as_json)
+        if suite is not None:
+            suite.check(lm.max_positions)
+            items = suite.items(lm.tokenizer)
+        else:
+            items = runner.question_items(doc.text, qs, lm.tokenizer)
 
-    planned = None if quiet else _plan(lm, items, settings)
-    bar = progress(not (quiet or as_json), unit="prefills")
-    t0 = time.perf_counter()
-    if bar is None or planned is None:
-        result = runner.run_eval(lm, items, settings, config=config)
-    else:
-        with bar:
-            task = bar.add_task("eval", total=None, info="")
-            clock, steps = planned
-            tokens, label, kind = [0], [""], ["prefill"]  # this prefill's tokens so far, label, kind of work
+        reused = runner.reused_steps(lm, items, settings, journal)
+        if any(reused) and not (quiet or as_json):
+            err.print(
+                f"{sum(reused)} of {len(reused)} prefills are in {journal.path} already (--rerun runs them again)",
+                highlight=False,
+                soft_wrap=True,
+            )
+        planned = None if quiet or all(reused) else _plan(lm, items, settings, reused)
+        bar = progress(not (quiet or as_json), unit="prefills")
+        t0 = time.perf_counter()
+        if bar is None or planned is None:
+            result = runner.run_eval(lm, items, settings, config=config, journal=journal)
+        else:
+            with bar:
+                task = bar.add_task("eval", total=None, info="")
+                clock, steps = planned
+                tokens, label, kind = [0], [""], ["prefill"]  # this prefill's tokens so far, label, kind of work
 
-            def on_step(done: int, total: int, text: str) -> None:
-                if done:
-                    clock.record("answers", 1)  # the previous prefill's questions, answered
-                tokens[0], label[0] = 0, text
-                kind[0] = "scored" if done < len(steps) and steps[done][1] else "prefill"
-                bar.update(task, completed=done, total=total, info=f"{text}  {clock.text()}")
+                def on_step(done: int, total: int, text: str) -> None:
+                    if done:
+                        clock.record("answers", 1)  # the previous prefill's questions, answered
+                    tokens[0], label[0] = 0, text
+                    kind[0] = "scored" if done < len(steps) and steps[done][1] else "prefill"
+                    bar.update(task, completed=done, total=total, info=f"{text}  {clock.text()}")
 
-            def on_chunk(done: int, total: int) -> None:
-                clock.record(kind[0], done - tokens[0])
-                tokens[0] = done
-                bar.update(task, info=f"{label[0]} {done:,}/{total:,} tokens  {clock.text()}")
+                def on_chunk(done: int, total: int) -> None:
+                    clock.record(kind[0], done - tokens[0])
+                    tokens[0] = done
+                    bar.update(task, info=f"{label[0]} {done:,}/{total:,} tokens  {clock.text()}")
 
-            result = runner.run_eval(lm, items, settings, on_step=on_step, config=config, on_chunk=on_chunk)
+                result = runner.run_eval(
+                    lm, items, settings, on_step=on_step, config=config, on_chunk=on_chunk, journal=journal
+                )
     result.config["seconds"] = round(time.perf_counter() - t0, 1)
     command = "kvcli " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     result.config["command"] = command
@@ -323,14 +349,14 @@ def eval_command(
         )
 
 
-def _plan(lm, items, settings) -> tuple[Eta, list[tuple[int, bool]]]:
+def _plan(lm, items, settings, reused) -> tuple[Eta, list[tuple[int, bool]]]:
     """Print the planned work, priced at the speed measured here and now (a chunk with the full
     cache, one with a scored method, a few decode steps: seconds); the clock that keeps the
     ETA from then on, and the prefills in run order (tokens, scored)."""
     from ..eval.runner import plan_eval
     from ..eval.speed import measure_speed
 
-    plan = plan_eval(items, settings, lm.tokenizer, lm.answer_tokens)
+    plan = plan_eval(items, settings, lm.tokenizer, lm.answer_tokens, reused)
     method, scoring = plan.scored or (None, defaults.SCORING)
     if "question" in scoring:  # no question to give a calibration chunk: time the window scoring
         scoring = "window"

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..api import LoadedModel, prefill, resolve_scoring
@@ -21,6 +21,8 @@ from ..core.budget import FULL as FULL_BUDGET
 from ..core.budget import Budget, parse_budget
 from ..core.errors import KvcliError
 from ..methods import make_method, split_options
+from . import journal as journal_mod
+from .journal import Journal
 from .rows import FULL, EvalResult, EvalRow
 from .scoring import load_questions, score_answers
 from .tasks import KINDS, MIN_LENGTH, Task, generate_suite
@@ -228,6 +230,86 @@ def count_prefills(items: Sequence[EvalItem], runs: Sequence[tuple[str, Budget, 
     return [len(items) if _uses_question(s) else len(groups) for _, _, s in runs]
 
 
+Run = tuple[str, Budget, str | None]
+
+
+def _steps(items: Sequence[EvalItem], runs: Sequence[Run]) -> list[tuple[Run, list[EvalItem]]]:
+    """Every prefill in run order: ``(run, the items answered from it)``: for each context,
+    each run, once (or once per question when the scoring uses it)."""
+    return [
+        (run, part)
+        for group in _groups(items)
+        for run in runs
+        for part in ([[it] for it in group] if _uses_question(run[2]) else [group])
+    ]
+
+
+def _label(run: Run) -> str:
+    method, budget, scoring = run
+    return method if budget.is_full else f"{method}{'/' + scoring if scoring else ''}@{budget}"
+
+
+def _answer_limit(item: EvalItem, settings: EvalSettings, tokenizer: Any, answer_tokens: int) -> int:
+    return settings.max_new_tokens or max_new_tokens_for(item, tokenizer, answer_tokens)
+
+
+def step_keys(lm: LoadedModel, items: Sequence[EvalItem], settings: EvalSettings) -> list[str]:
+    """The journal key of every prefill of ``run_eval(lm, items, settings)``, in run order."""
+    runs = plan_runs(settings)
+    _, _, per = validate_methods(settings.methods, settings.budgets, settings.method_options)
+    base = {
+        "model": journal_mod.model_identity(lm),
+        "code": journal_mod.code_identity(),
+        "chunk_size": settings.chunk_size,
+        "backend": settings.backend,
+        "truncate": settings.truncate,
+    }
+    keys = []
+    for (method, budget, scoring), part in _steps(items, runs):
+        questions = [
+            {
+                "question": it.question,
+                "answers": it.answers,
+                "metric": it.metric,
+                "answer_prefix": it.answer_prefix,
+                "max_new_tokens": _answer_limit(it, settings, lm.tokenizer, lm.answer_tokens),
+            }
+            for it in part
+        ]
+        run = {
+            "method": method,
+            "budget": str(budget),
+            "scoring": scoring,
+            "options": per.get(method, {}),
+            "files": journal_mod.cache_files_identity(method),
+        }
+        keys.append(journal_mod.prefill_key(base, part[0].context, questions, run))
+    return keys
+
+
+def _kept(journal: Journal | None, key: str, part: Sequence[EvalItem]) -> list[EvalRow] | None:
+    """The journal's rows for this prefill, if it has them for exactly these questions."""
+    rows = journal.get(key) if journal is not None else None
+    if (
+        rows is None
+        or len(rows) != len(part)
+        or any(r.question != it.question for r, it in zip(rows, part, strict=True))
+    ):
+        return None
+    return rows
+
+
+def reused_steps(
+    lm: LoadedModel, items: Sequence[EvalItem], settings: EvalSettings, journal: Journal | None
+) -> list[bool]:
+    """Which prefills of the run the journal already has (in run order)."""
+    steps = _steps(items, plan_runs(settings))
+    if journal is None:
+        return [False] * len(steps)
+    keys = step_keys(lm, items, settings)
+    return [_kept(journal, k, part) is not None for k, (_, part) in zip(keys, steps, strict=True)]
+
+
 def run_eval(
     lm: LoadedModel,
     items: Sequence[EvalItem],
@@ -235,80 +317,97 @@ def run_eval(
     on_step: Callable[[int, int, str], None] | None = None,
     config: dict | None = None,
     on_chunk: Callable[[int, int], None] | None = None,
+    journal: Journal | None = None,
 ) -> EvalResult:
     """Evaluate ``items`` with the full cache and every method x budget x scoring of ``settings``.
 
     Returns one row per (item, run).  ``on_step(done, total, label)`` is called before each
-    prefill (``done`` counts finished prefills) and once at the end; ``on_chunk(done, total)``
-    after every chunk of a prefill (tokens).  ``config`` is added to
-    the result's settings (what the caller wants written with the results).
+    prefill that runs (``done`` counts finished prefills, ``total`` those to run) and once at
+    the end; ``on_chunk(done, total)`` after every chunk of a prefill (tokens).  ``config`` is
+    added to the result's settings (what the caller wants written with the results).  With a
+    ``journal`` (``eval.journal``), a prefill it already has is not run again (its rows are
+    taken from it), and every prefill that runs is written to it as soon as it is answered.
     """
     settings = settings or EvalSettings()
     if not items:
         raise KvcliError("nothing to evaluate: no tasks or questions")
     methods, budgets, per = validate_methods(settings.methods, settings.budgets, settings.method_options)
     runs = plan_runs(settings)
-    groups = _groups(items)
-    total = sum(count_prefills(items, runs))
+    steps = _steps(items, runs)
+    keys = step_keys(lm, items, settings) if journal is not None else [""] * len(steps)
+    kept = [_kept(journal, k, part) for k, (_, part) in zip(keys, steps, strict=True)]
+    total = sum(k is None for k in kept)
     tok = lm.tokenizer
     rows: list[EvalRow] = []
+    reference: dict[int, float] = {}  # the full cache's answer log-likelihood, per item
     done = 0
-    for group in groups:
-        reference: dict[int, float] = {}
-        for method, budget, scoring in runs:
-            # One prefill serves the group, or (query-aware) one per question.
-            parts = [[it] for it in group] if _uses_question(scoring) else [group]
-            for part in parts:
-                first = part[0]
-                if on_step is not None:
-                    tag = f"/{scoring}" if scoring else ""
-                    on_step(done, total, f"{first.kind} {first.length} {method}{tag}@{budget}")
-                t0 = time.perf_counter()
-                ctx = prefill(
-                    lm,
-                    first.context,
-                    method=method,
-                    budget=budget,
-                    chunk_size=settings.chunk_size,
-                    questions=[first.question] if _uses_question(scoring) else None,
-                    scoring=scoring or "window",
-                    method_options=per.get(method, {}),
-                    backend=settings.backend,
-                    truncate=settings.truncate,
-                    on_progress=on_chunk,
+    for (run, part), key, old in zip(steps, keys, kept, strict=True):
+        method, budget, scoring = run
+        if old is not None:  # from the journal; the item's own numbering (sample, depth) kept
+            for it, row in zip(part, old, strict=True):
+                if method == FULL:
+                    reference[id(it)] = row.logprob if row.logprob is not None else -math.inf
+                rows.append(
+                    replace(row, kind=it.kind, length=it.length, depth=it.depth, sample=it.sample, seed=it.seed)
                 )
-                prefill_seconds = time.perf_counter() - t0
-                kv_ratio = ctx.report().kv_ratio
-                for it in part:
-                    limit = settings.max_new_tokens or max_new_tokens_for(it, tok, lm.answer_tokens)
-                    ans = ctx.ask(it.question, max_new_tokens=limit, answer_prefix=it.answer_prefix)
-                    logprob = ctx.answer_logprob(it.question, it.reference, answer_prefix=it.answer_prefix)
-                    if method == FULL:
-                        reference[id(it)] = logprob
-                    delta = logprob - reference[id(it)]
-                    rows.append(
-                        EvalRow(
-                            kind=it.kind,
-                            length=it.length,
-                            depth=it.depth,
-                            sample=it.sample,
-                            method=method,
-                            budget=str(ctx.engine.budget),  # what ran (a method that ranks nothing: uniform)
-                            scoring=scoring,
-                            score=score_answers(it.answers, it.metric, ans.text),
-                            # JSON has no NaN/inf: an impossible answer (-inf) is reported as None
-                            logprob=logprob if math.isfinite(logprob) else None,
-                            logprob_delta=delta if math.isfinite(delta) else None,
-                            kv_ratio=kv_ratio,
-                            prefill_seconds=prefill_seconds,
-                            seed=it.seed,
-                            question=it.question,
-                            answers=list(it.answers),
-                            prediction=ans.text,
-                        )
-                    )
-                del ctx
-                done += 1
+            continue
+        first = part[0]
+        if on_step is not None:
+            tag = f"/{scoring}" if scoring else ""
+            on_step(done, total, f"{first.kind} {first.length} {method}{tag}@{budget}")
+        t0 = time.perf_counter()
+        ctx = prefill(
+            lm,
+            first.context,
+            method=method,
+            budget=budget,
+            chunk_size=settings.chunk_size,
+            questions=[first.question] if _uses_question(scoring) else None,
+            scoring=scoring or "window",
+            method_options=per.get(method, {}),
+            backend=settings.backend,
+            truncate=settings.truncate,
+            on_progress=on_chunk,
+        )
+        prefill_seconds = time.perf_counter() - t0
+        kv_ratio = ctx.report().kv_ratio
+        new_rows = []
+        for it in part:
+            ans = ctx.ask(
+                it.question,
+                max_new_tokens=_answer_limit(it, settings, tok, lm.answer_tokens),
+                answer_prefix=it.answer_prefix,
+            )
+            logprob = ctx.answer_logprob(it.question, it.reference, answer_prefix=it.answer_prefix)
+            if method == FULL:
+                reference[id(it)] = logprob
+            delta = logprob - reference[id(it)]
+            new_rows.append(
+                EvalRow(
+                    kind=it.kind,
+                    length=it.length,
+                    depth=it.depth,
+                    sample=it.sample,
+                    method=method,
+                    budget=str(ctx.engine.budget),  # what ran (a method that ranks nothing: uniform)
+                    scoring=scoring,
+                    score=score_answers(it.answers, it.metric, ans.text),
+                    # JSON has no NaN/inf: an impossible answer (-inf) is reported as None
+                    logprob=logprob if math.isfinite(logprob) else None,
+                    logprob_delta=delta if math.isfinite(delta) else None,
+                    kv_ratio=kv_ratio,
+                    prefill_seconds=prefill_seconds,
+                    seed=it.seed,
+                    question=it.question,
+                    answers=list(it.answers),
+                    prediction=ans.text,
+                )
+            )
+        del ctx
+        if journal is not None:
+            journal.add(key, _label(run), new_rows)
+        rows += new_rows
+        done += 1
     if on_step is not None:
         on_step(done, total, "done")
     scorings = sorted({s for _, _, s in runs if s})
@@ -320,7 +419,8 @@ def run_eval(
         "chunk_size": settings.chunk_size,
         "query_aware": any(_uses_question(s) for s in scorings),
         "method_options": {m: o for m, o in per.items() if o},
-        "prefills": total,
+        "prefills": len(steps),
+        "reused_prefills": len(steps) - total,
         **(config or {}),
     }
     return EvalResult(rows=rows, config=cfg)
@@ -339,35 +439,39 @@ class EvalPlan:
     decode_tokens: int  # at most, decoded and teacher-forced for the answers, all runs together
     steps: list[tuple[int, bool]] = field(default_factory=list)  # every prefill in run order: (tokens, scored)
     scored: tuple[str, str] | None = None  # (method, scoring) of the first scored run, if any
+    reused: int = 0  # prefills the journal already has (not counted above)
 
 
-def plan_eval(items: Sequence[EvalItem], settings: EvalSettings, tokenizer: Any, answer_tokens: int = 16) -> EvalPlan:
+def plan_eval(
+    items: Sequence[EvalItem],
+    settings: EvalSettings,
+    tokenizer: Any,
+    answer_tokens: int = 16,
+    reused: Sequence[bool] | None = None,
+) -> EvalPlan:
     """What ``run_eval(items, settings)`` will do: prefills and their tokens, answers and the
-    most tokens they decode (each answer's budget plus its reference, teacher-forced)."""
+    most tokens they decode (each answer's budget plus its reference, teacher-forced).
+    ``reused``: the prefills the journal already has (``reused_steps``), which do not run."""
     runs = plan_runs(settings)
-    prefills = count_prefills(items, runs)
-    per_item = [
-        max_new_tokens_for(it, tokenizer, answer_tokens) if settings.max_new_tokens is None else settings.max_new_tokens
+    steps = _steps(items, runs)
+    reused = list(reused) if reused is not None else [False] * len(steps)
+    todo = [(run, part) for (run, part), old in zip(steps, reused, strict=True) if not old]
+    decode = {
+        id(it): _answer_limit(it, settings, tokenizer, answer_tokens)
+        + len(tokenizer.encode(" " + it.reference, add_special_tokens=False))
         for it in items
-    ]
-    reference = [len(tokenizer.encode(" " + it.reference, add_special_tokens=False)) for it in items]
-    labels = [m if b.is_full else f"{m}{'/' + s if s else ''}@{b}" for m, b, s in runs]
-    steps = [  # the order of run_eval's loops
-        (part[0].length, s is not None)
-        for group in _groups(items)
-        for _, _, s in runs
-        for part in ([[it] for it in group] if _uses_question(s) else [group])
-    ]
+    }
     return EvalPlan(
-        runs=labels,
+        runs=[_label(run) for run in runs],
         contexts=len(_groups(items)),
-        prefills=sum(prefills),
-        tokens=estimate_prefill_tokens(items, settings),
+        prefills=len(todo),
+        tokens=sum(part[0].length for _, part in todo),
         lengths=sorted({it.length for it in items}),
-        answers=len(items) * len(runs),
-        decode_tokens=(sum(per_item) + sum(reference)) * len(runs),
-        steps=steps,
+        answers=sum(len(part) for _, part in todo),
+        decode_tokens=sum(decode[id(it)] for _, part in todo for it in part),
+        steps=[(part[0].length, run[2] is not None) for run, part in todo],
         scored=next(((m, s) for m, _, s in runs if s is not None), None),
+        reused=len(steps) - len(todo),
     )
 
 
@@ -392,4 +496,6 @@ __all__ = [
     "estimate_prefill_tokens",
     "EvalPlan",
     "plan_eval",
+    "step_keys",
+    "reused_steps",
 ]
