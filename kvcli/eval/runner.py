@@ -208,7 +208,11 @@ def _uses_question(scoring: str | None) -> bool:
     return scoring is not None and "question" in scoring
 
 
-def plan_runs(settings: EvalSettings) -> list[tuple[str, Budget, str | None]]:
+#: One run on a context: ``(method, budget, scoring)``.
+Run = tuple[str, Budget, str | None]
+
+
+def plan_runs(settings: EvalSettings) -> list[Run]:
     """``(method, budget, scoring)`` of every run on a context, the full cache first.  Plain
     PoD keeps every token (one run, whatever the budgets); methods that score nothing run once
     per budget (scoring ``None``)."""
@@ -216,21 +220,12 @@ def plan_runs(settings: EvalSettings) -> list[tuple[str, Budget, str | None]]:
     # auto: an evaluated context is asked after prefill (as a saved one is); an explicit
     # question scoring gets each item's question.
     scorings = list(dict.fromkeys(resolve_scoring(s, has_questions=s != "auto") for s in settings.scorings))
-    runs: list[tuple[str, Budget, str | None]] = [(FULL, FULL_BUDGET, None)]
+    runs: list[Run] = [(FULL, FULL_BUDGET, None)]
     for m in methods:
         meth = make_method(m, **per[m])
         for b in [FULL_BUDGET] if not meth.uses_budget else budgets:
             runs += [(m, b, s) for s in scorings] if meth.needs_scores and not b.is_full else [(m, b, None)]
     return runs
-
-
-def count_prefills(items: Sequence[EvalItem], runs: Sequence[tuple[str, Budget, str | None]]) -> list[int]:
-    """Prefills of each run: one per context, or one per question when the scoring uses it."""
-    groups = _groups(items)
-    return [len(items) if _uses_question(s) else len(groups) for _, _, s in runs]
-
-
-Run = tuple[str, Budget, str | None]
 
 
 def _steps(items: Sequence[EvalItem], runs: Sequence[Run]) -> list[tuple[Run, list[EvalItem]]]:
@@ -475,13 +470,6 @@ def plan_eval(
     )
 
 
-def estimate_prefill_tokens(items: Sequence[EvalItem], settings: EvalSettings) -> int:
-    """Tokens prefilled by the whole run (each run over every context, or every question)."""
-    per_context = sum(g[0].length for g in _groups(items))
-    per_question = sum(it.length for it in items)
-    return sum(per_question if _uses_question(s) else per_context for _, _, s in plan_runs(settings))
-
-
 __all__ = [
     "EvalItem",
     "EvalSettings",
@@ -493,7 +481,6 @@ __all__ = [
     "validate_methods",
     "split_options",
     "max_new_tokens_for",
-    "estimate_prefill_tokens",
     "EvalPlan",
     "plan_eval",
     "step_keys",
