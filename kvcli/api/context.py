@@ -167,19 +167,30 @@ class Context:
 
     @torch.inference_mode()
     def answer_logprob(self, question: str, answer: str, answer_prefix: str = "") -> float:
-        """Mean log-likelihood per token of ``answer`` after the question (teacher forcing)."""
+        """Mean log-likelihood per token of ``answer`` after the question (teacher forcing).
+
+        One forward of the question and the answer (chunked like any suffix) over the
+        context, keeping the logits of the positions that predict the answer's tokens."""
         prompt = self._ids(self.template.question(question, answer_prefix))[0]
         target = self._ids(" " + answer.strip())[0]
+        if not target.numel():
+            return 0.0
+        ids = torch.cat([prompt, target[:-1]]).view(1, -1)
+        step = self.engine.chunk_size
         mark = self.engine.cache.checkpoint()
         try:
-            logits = self.engine.forward(prompt.view(1, -1))
-            total = 0.0
-            for tok in target.tolist():
-                total += float(torch.log_softmax(logits.float(), dim=-1)[tok])
-                logits = self.engine.forward(torch.tensor([[tok]]))
+            parts = []
+            for start in range(0, ids.shape[1], step):
+                chunk = ids[:, start : start + step]
+                # the answer's tokens are predicted from positions len(prompt) - 1 onwards
+                keep = min(chunk.shape[1], start + chunk.shape[1] - (prompt.numel() - 1))
+                logits = self.engine.forward(chunk, keep=max(keep, 1))
+                if keep > 0:
+                    parts.append(logits.view(-1, logits.shape[-1])[-keep:])
         finally:
             self.engine.cache.rollback(mark)
-        return total / max(1, target.numel())
+        logp = torch.log_softmax(torch.cat(parts).float(), dim=-1)
+        return float(logp.gather(-1, target.view(-1, 1).to(logp.device)).sum()) / target.numel()
 
     def save(self, path: str | os.PathLike, force: bool = False) -> SavedContext:
         """Write the context to a ``.kvc`` file (``kvcli.api.saved``): ``api.load_context``

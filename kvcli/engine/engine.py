@@ -91,8 +91,9 @@ class Engine:
 
     # ---- forwards ------------------------------------------------------------------------
     @torch.inference_mode()
-    def forward(self, ids: torch.Tensor, collector: Collector | None = None) -> torch.Tensor:
-        """Forward ``ids`` (``[1, n]``) at the next logical positions; returns last logits.
+    def forward(self, ids: torch.Tensor, collector: Collector | None = None, keep: int = 1) -> torch.Tensor:
+        """Forward ``ids`` (``[1, n]``) at the next logical positions; returns the last
+        logits ``[V]`` (``keep`` > 1: the last ``keep`` positions' logits, ``[keep, V]``).
         ``collector`` records attention statistics for scored methods (none by default)."""
         n = ids.shape[-1]
         start = self.cache.seen
@@ -107,13 +108,13 @@ class Engine:
                     position_ids=pos.unsqueeze(0),
                     **{self.cache_keyword: self.cache},
                     use_cache=True,
-                    logits_to_keep=1,
+                    logits_to_keep=keep,
                     kvcli_state=self.state,
                 )
         finally:
             self.state.collector = None
         self.cache.end_forward(n)
-        return out.logits[0, -1]
+        return out.logits[0, -1] if keep == 1 else out.logits[0, -keep:]
 
     @torch.inference_mode()
     def observe(self, ids: torch.Tensor, collector: Collector) -> None:
