@@ -326,6 +326,23 @@ def test_global_allocation_through_the_engine():
         Budget(ratio=0.5, allocation="sideways")
 
 
+def test_question_scoring_alone_shares_the_budget_uniformly():
+    """Question scores are not comparable across layers (measured: heads collapses on SmolLM2),
+    so the engine runs them uniform, and says so; with reconstruction the ranking stays."""
+    model = sharpen(tiny_llama(2, layers=3))
+    ids = torch.randint(3, 100, (1, 96))
+    question = Scoring(name="question", questions=[[20, 21, 22]])
+    for allocation in ("heads", "global"):
+        eng = _engine(model, "snapkv", Budget(ratio=0.5, allocation=allocation), question)
+        assert str(eng.budget) == "0.5:uniform"
+        eng.prefill(ids)
+        assert [layer.length for layer in eng.cache.growing_layers] == [48, 48, 48]
+    both = Scoring(name="recon+question", questions=[[20, 21, 22]], recon=RECON)
+    assert _engine(model, "snapkv", Budget(ratio=0.5, allocation="heads"), both).budget.allocation == "heads"
+    recon = Scoring(name="recon", recon=RECON)
+    assert _engine(model, "snapkv", Budget(ratio=0.5, allocation="global"), recon).budget.allocation == "global"
+
+
 def test_scoring_names_and_auto():
     assert api.resolve_scoring("auto", has_questions=True) == "recon"  # measured (docs/scoring.md)
     assert api.resolve_scoring("auto", has_questions=False) == "recon"

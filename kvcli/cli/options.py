@@ -82,8 +82,8 @@ ScoringOpt = Annotated[
     str | None,
     typer.Option(
         "--scoring",
-        help="Where scored methods get their statistics: auto (default: reconstruction, measured at least as "
-        "good as scoring with the questions), recon, question, recon+question, window.",
+        help="Where scored methods get their statistics: auto (default: reconstruction, which serves any later "
+        "question), recon, question (the budget then shared uniformly by the layers), recon+question, window.",
     ),
 ]
 AllocationOpt = Annotated[

@@ -65,13 +65,13 @@ class Engine:
         self.method = method
         if not method.uses_budget:  # structural saving only (plain PoD): no token budget applies
             budget = FULL
-        self.budget = method.budget_for(budget)
+        self.scoring = scoring or Scoring()
+        self.budget = self.scoring.budget_for(method.budget_for(budget))
         self.chunk_size = chunk_size
         self.device = next(model.parameters()).device
         backend = resolve_backend(backend, self.device.type)  # auto -> this device's backend; errors if it cannot run
         self.cache = KVCache(model.config)
         self.cache_keyword = cache_keyword(model)
-        self.scoring = scoring or Scoring()
         self.obs_window = obs_window
         self.track = method.needs_scores and not budget.is_full  # statistics are recorded only if read
         for layer in self.cache.growing_layers:

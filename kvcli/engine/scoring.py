@@ -28,12 +28,13 @@ before prefill and whether the context is kept for later.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from ..attention.stats import Collector, ProbeStats, ReconStats
 from ..core import defaults
+from ..core.budget import Budget
 from ..core.errors import KvcliError
 
 SCORINGS = defaults.SCORINGS
@@ -77,6 +78,17 @@ class Scoring:
             raise KvcliError("question scoring needs the questions before prefill", option="scoring")
         if "recon" in self.name and self.recon is None:
             raise KvcliError("reconstruction scoring needs a reconstruction prompt", option="scoring")
+
+    def budget_for(self, budget: Budget) -> Budget:
+        """``budget`` as this scoring runs it.  Question scores alone are shared uniformly
+        whatever the allocation says: they are attention the question's queries spread over
+        the whole context, whose scale differs from layer to layer, so a ranking across layers
+        (``global``, ``heads``) starves the layers whose questions look mostly at the sinks
+        (measured on SmolLM2 2K, docs/scoring.md).  Reconstruction scores, alone or with the
+        question's, are per-entry maxima and compare across layers."""
+        if self.name != "question" or budget.allocation == "uniform":
+            return budget
+        return replace(budget, allocation="uniform")
 
     @property
     def uses_window(self) -> bool:
