@@ -53,7 +53,6 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=6144)
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
-    out = []
     for name in args.models.split(","):
         lm = api.load_model(name)
         ctx = api.prefill(lm, document_ids(lm.tokenizer, args.tokens)[0], method="full", budget=1.0, raw=True)
@@ -78,7 +77,6 @@ def main() -> None:
             "max_logprob_difference": max(diffs),
             "rounds": args.rounds,
         }
-        out.append(row)
         print(json.dumps(row), flush=True)
         del ctx, lm
 

@@ -87,8 +87,7 @@ class Context:
             logits = self.engine.context_logits()
             ids = torch.as_tensor([] if suffix_ids is None else suffix_ids, dtype=torch.long).view(1, -1)
             if ids.numel():
-                for start in range(0, ids.shape[1], self.engine.chunk_size):
-                    logits = self.engine.forward(ids[:, start : start + self.engine.chunk_size])
+                logits = self.engine.forward_chunked(ids)[-1]
             eos = self._eos()
             for token in self.engine.generate(logits, max_new_tokens, sampler, eos):
                 if token in eos:
@@ -175,21 +174,13 @@ class Context:
         target = self._ids(" " + answer.strip())[0]
         if not target.numel():
             return 0.0
-        ids = torch.cat([prompt, target[:-1]]).view(1, -1)
-        step = self.engine.chunk_size
+        ids = torch.cat([prompt, target[:-1]]).view(1, -1)  # the prompt is never empty
         mark = self.engine.cache.checkpoint()
         try:
-            parts = []
-            for start in range(0, ids.shape[1], step):
-                chunk = ids[:, start : start + step]
-                # the answer's tokens are predicted from positions len(prompt) - 1 onwards
-                keep = min(chunk.shape[1], start + chunk.shape[1] - (prompt.numel() - 1))
-                logits = self.engine.forward(chunk, keep=max(keep, 1))
-                if keep > 0:
-                    parts.append(logits.view(-1, logits.shape[-1])[-keep:])
+            logits = self.engine.forward_chunked(ids, keep=target.numel())  # those predicting the answer
         finally:
             self.engine.cache.rollback(mark)
-        logp = torch.log_softmax(torch.cat(parts).float(), dim=-1)
+        logp = torch.log_softmax(logits.float(), dim=-1)
         return float(logp.gather(-1, target.view(-1, 1).to(logp.device)).sum()) / target.numel()
 
     def save(self, path: str | os.PathLike, force: bool = False) -> SavedContext:

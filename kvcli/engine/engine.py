@@ -117,6 +117,21 @@ class Engine:
         return out.logits[0, -1] if keep == 1 else out.logits[0, -keep:]
 
     @torch.inference_mode()
+    def forward_chunked(self, ids: torch.Tensor, keep: int = 1) -> torch.Tensor:
+        """Forward ``ids`` (``[1, n]``, a suffix such as a question: no scoring, no
+        compression) in chunks of ``chunk_size``; returns the logits of its last ``keep``
+        positions, ``[keep, V]`` (each chunk keeps only those of them it holds)."""
+        n = ids.shape[1]
+        parts = []
+        for start in range(0, n, self.chunk_size):
+            chunk = ids[:, start : start + self.chunk_size]
+            want = min(chunk.shape[1], start + chunk.shape[1] - (n - keep))
+            logits = self.forward(chunk, keep=max(want, 1))
+            if want > 0:
+                parts.append(logits.view(-1, logits.shape[-1])[-want:])
+        return torch.cat(parts)
+
+    @torch.inference_mode()
     def observe(self, ids: torch.Tensor, collector: Collector) -> None:
         """A scoring pass: forward ``ids`` after the context with ``collector`` recording what
         they attend to, then remove every trace of them from the cache."""
