@@ -12,7 +12,8 @@ cache shape, without the model:
     python benchmarks/append_peak.py --layers 30 --kv-heads 3 --head-dim 64 --tokens 16384
 
 Prints one JSON line per phase: the cache's bytes after it, the RSS before and after, the
-peak during it, and one layer's bytes.  A benchmark, not a test: nothing is asserted.
+peak during it, how far that peak exceeds the larger of before and after, and one layer's
+bytes.  A benchmark, not a test: nothing is asserted.
 """
 
 from __future__ import annotations

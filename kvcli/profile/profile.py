@@ -222,8 +222,8 @@ def _decode(ctx, question: str, n: int) -> tuple[float | None, float, int]:
     count = 0
     try:
         logits = engine.context_logits()
-        for start in range(0, len(ids), engine.chunk_size):
-            logits = engine.forward(torch.tensor([ids[start : start + engine.chunk_size]], dtype=torch.long))
+        if ids:
+            logits = engine.forward_chunked(torch.tensor([ids], dtype=torch.long))[-1]
         for _ in engine.generate(logits, n, Sampler(), eos_ids=set()):
             count += 1
             if first is None:
