@@ -56,6 +56,7 @@ def test_hooks_are_declared_on_the_base_class():
         ("snapkv", {"kernel": 4}, "kernel"),
         ("snapkv", {"kernel": -3}, "kernel"),
         ("snapkv", {"window": "wide"}, "window"),
+        ("snapkv", {"pool": "median"}, "pool"),
         ("pod", {"recent_min": -1}, "recent_min"),
         ("pod", {"block_size": 0}, "block_size"),
         ("pod", {"profile": 3}, "profile"),
@@ -68,6 +69,31 @@ def test_bad_options_are_refused_when_the_method_is_made(name, options, needle):
         make_method(name, **options)
     text = str(info.value)
     assert needle in text and "\n" not in text and text.split(":")[0] in name
+
+
+class _Scored:
+    """A layer as ``importance`` sees it: only its recorded statistics."""
+
+    def __init__(self, obs: torch.Tensor) -> None:
+        self.obs = obs
+
+    def require(self, name: str) -> torch.Tensor:
+        assert name == "obs"
+        return self.obs
+
+
+def test_snapkv_pooling_avg_and_max():
+    obs = torch.zeros(1, 2, 9)
+    obs[0, 0, 4] = 1.0  # one sharp score in head 0; head 1 all equal
+    obs[0, 1] = 0.5
+    avg = make_method("snapkv", pool="avg").importance(_Scored(obs))
+    top = make_method("snapkv").importance(_Scored(obs))  # max is the default
+    # avg: the peak is shared with its neighbours (1/5 each), edges averaged over the window only
+    assert torch.allclose(avg[0, 0], torch.tensor([0, 0, 0.2, 0.2, 0.2, 0.2, 0.2, 0, 0]))
+    # max: every entry within kernel // 2 = 2 of the peak scores as high as the peak
+    assert torch.equal(top[0, 0], torch.tensor([0, 0, 1.0, 1, 1, 1, 1, 0, 0]))
+    assert torch.allclose(avg[0, 1], obs[0, 1]) and torch.equal(top[0, 1], obs[0, 1])
+    assert torch.equal(make_method("snapkv", kernel=1).importance(_Scored(obs)), obs)
 
 
 def test_old_option_names_are_aliases():

@@ -230,3 +230,17 @@ def test_embedded_model_answers_the_same_from_a_kvc(tmp_path):
     assert loaded.ask(question, max_new_tokens=12).tokens == before
     logits = lm.model.get_output_embeddings().weight.shape[0] * 4
     assert saved.kv_bytes < saved.file_bytes < saved.kv_bytes + logits + 65_536
+
+
+def test_a_file_written_before_snapkv_had_pool_reads_as_avg(lms, tmp_path):
+    """snapkv always pooled by average before ``pool`` became an option (default max): a
+    file that does not name it must go on compressing (``append``) as it was made."""
+    path = tmp_path / "doc.kvc"
+    prefill(lms["llama-gqa"]).save(path)
+    assert api.load_context(lms["llama-gqa"], path).engine.method.pool == "max"
+    _rewrite_header(path, lambda h: h["method_options"].pop("pool"))
+    assert api.load_context(lms["llama-gqa"], path).engine.method.pool == "avg"
+    inner = tmp_path / "pod.kvc"
+    prefill(lms["llama-gqa"], method="pod+snapkv").save(inner)
+    _rewrite_header(inner, lambda h: h["method_options"]["inner"].pop("pool"))
+    assert api.load_context(lms["llama-gqa"], inner).engine.method.inner.pool == "avg"

@@ -143,6 +143,12 @@ def check_model(saved: kvcfile.SavedFile, lm: LoadedModel) -> None:
         )
 
 
+#: Options whose default changed since files were written: a file that does not name one
+#: was written when it had this value (snapkv's ``pool`` was always "avg" before it became
+#: an option with "max" as default, 2026-12-06).
+WRITTEN_BEFORE = {"snapkv": {"pool": "avg"}}
+
+
 def method_from(saved: kvcfile.SavedFile) -> Method:
     """The method the context was compressed with, its options as saved (PoD: the blocks it
     chose, so a calibration profile written since cannot change the layout)."""
@@ -150,6 +156,9 @@ def method_from(saved: kvcfile.SavedFile) -> Method:
     parts = label.split("+")
     opts.pop("blocks_source", None)
     inner = opts.pop("inner", None)
+    opts = {**WRITTEN_BEFORE.get(parts[0], {}), **opts}
+    if isinstance(inner, dict) and len(parts) == 2:
+        inner = {**WRITTEN_BEFORE.get(parts[1], {}), **inner}
     if len(parts) == 2:
         if not isinstance(inner, dict):
             raise _bad(saved.name, f"method {label} has no options for {parts[1]}")
