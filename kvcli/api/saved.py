@@ -157,11 +157,10 @@ def method_from(saved: kvcfile.SavedFile) -> Method:
     opts.pop("blocks_source", None)
     inner = opts.pop("inner", None)
     opts = {**WRITTEN_BEFORE.get(parts[0], {}), **opts}
-    if isinstance(inner, dict) and len(parts) == 2:
-        inner = {**WRITTEN_BEFORE.get(parts[1], {}), **inner}
     if len(parts) == 2:
         if not isinstance(inner, dict):
             raise _bad(saved.name, f"method {label} has no options for {parts[1]}")
+        inner = {**WRITTEN_BEFORE.get(parts[1], {}), **inner}
         options = {
             **{f"{parts[0]}.{k}": v for k, v in opts.items()},
             **{f"{parts[1]}.{k}": v for k, v in inner.items()},
