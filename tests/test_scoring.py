@@ -311,12 +311,36 @@ def test_heads_share_gives_a_layer_its_neediest_heads_count():
     assert global_targets([torch.rand(1, 2, 10)] * 2, target=20, floor=1, share="max") == [10, 10]
 
 
+def test_relative_share_ranks_scores_against_their_heads_mean():
+    # Layer 0 attends diffusely (small scores) but picks out 10 entries; layer 1's scores are
+    # all large (a head copying the context) with no peaks.
+    diffuse = torch.full((1, 1, 40), 0.01)
+    diffuse[..., 10:20] = 0.2
+    copying = torch.full((1, 1, 40), 0.5)
+    copying[..., ::2] = 0.6
+    raw = global_targets([diffuse, copying], target=20, floor=2, share="max")
+    rel = global_targets([diffuse, copying], target=20, floor=2, share="max", relative=True)
+    assert raw == [2, 38]  # ranked raw, the diffuse layer keeps only its floor
+    # divided by the means (0.0575 and 0.55): layer 0's 10 peaks (3.48) outrank all of layer 1
+    # (1.09 and 0.91), whose 40 entries outrank layer 0's others (0.17): 10 + 30 make the 40
+    assert rel == [10, 30]
+    # a layer's scores scaled by a constant leave the relative allocation as it was
+    scaled = global_targets([diffuse * 30, copying], target=20, floor=2, share="max", relative=True)
+    assert scaled == rel and global_targets([diffuse * 30, copying], target=20, floor=2, share="max") != raw
+    # a head whose scores are all zero neither divides by zero nor wins anything but its floor
+    zero = global_targets([torch.zeros(1, 1, 40), copying], target=20, floor=2, share="max", relative=True)
+    assert zero == [2, 38]
+
+
 def test_global_allocation_through_the_engine():
     model = sharpen(tiny_llama(2, layers=3))
-    eng = _engine(model, "h2o", Budget(ratio=0.5, allocation="global"), Scoring(name="recon", recon=RECON))
-    eng.prefill(torch.randint(3, 100, (1, 96)))
-    lengths = [layer.length for layer in eng.cache.growing_layers]
-    assert sum(lengths) == 3 * 48
+    tokens = torch.randint(3, 100, (1, 96))
+    for allocation in ("global", "heads", "relative"):
+        eng = _engine(model, "h2o", Budget(ratio=0.5, allocation=allocation), Scoring(name="recon", recon=RECON))
+        eng.prefill(tokens)
+        lengths = [layer.length for layer in eng.cache.growing_layers]
+        assert sum(lengths) == 3 * 48, allocation
+        assert [int(layer.key_positions().shape[-1]) for layer in eng.cache.growing_layers] == lengths
     # streaming ranks nothing: it shares the budget uniformly (and says so in its budget)
     streaming = _engine(model, "streaming", Budget(ratio=0.5, allocation="global"))
     assert streaming.budget.allocation == "uniform" and str(streaming.budget) == "0.5:uniform"
@@ -374,7 +398,7 @@ def test_budget_text_carries_the_allocation():
     assert parse_budget("0.5") == Budget(ratio=0.5) == Budget(ratio=0.5, allocation=defaults.ALLOCATION)
     assert defaults.ALLOCATION == "heads"
     # the text always names the allocation, so it parses back to the same budget
-    for text in ("0.5:uniform", "0.35:heads", "0.5:global", "300:uniform"):
+    for text in ("0.5:uniform", "0.35:heads", "0.5:global", "300:uniform", "0.35:relative"):
         assert str(parse_budget(text)) == text and parse_budget(str(parse_budget(text))) == parse_budget(text)
     assert parse_budget("0.5:global") == Budget(ratio=0.5, allocation="global")
     assert str(parse_budget("40:global")) == "40:global" and str(parse_budget("1:global")) == "1"

@@ -91,8 +91,9 @@ AllocationOpt = Annotated[
     typer.Option(
         "--allocation",
         help="How the growing layers share the budget: heads (the default, measured in docs/scoring.md: entries "
-        "of every layer and KV head ranked together, a layer keeping its neediest head's count), global (the "
-        "same ranking, a layer keeping its heads' mean) or uniform (each layer the same).",
+        "of every layer and KV head ranked together, a layer keeping its neediest head's count), relative (the "
+        "same, each score divided by its head's mean score first), global (the same ranking, a layer keeping its "
+        "heads' mean) or uniform (each layer the same).",
     ),
 ]
 NoAdapterOpt = Annotated[

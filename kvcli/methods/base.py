@@ -117,8 +117,10 @@ class Method:
             return  # within budget everywhere (always so at the full budget, which scores nothing)
         if budget.allocation != "uniform" and self.ranks_entries:
             importance = [self.importance(layer) for layer in layers]
-            share = "max" if budget.allocation == "heads" else "mean"
-            targets = global_targets(importance, target, min(target, self.protected_entries(target)), share)
+            share = "mean" if budget.allocation == "global" else "max"
+            relative = budget.allocation == "relative"
+            floor = min(target, self.protected_entries(target))
+            targets = global_targets(importance, target, floor, share, relative)
         else:
             targets = [target] * len(layers)
         for layer, keep in zip(layers, targets, strict=True):

@@ -116,7 +116,7 @@ def estimate_kv_bytes(
     """KV-cache bytes after prefilling ``context_tokens`` with ``method`` at ``budget``.
 
     ``config``: a transformers config, a ``config.json`` dict or anything with its fields.
-    Under an allocation that ranks entries across layers (``global``, ``heads``: the default)
+    Under an allocation that ranks entries across layers (``global``, ``heads``, ``relative``)
     the totals are exact, but how the layers share them depends on the run's scores: the
     per-layer figures are then the even split.
     """
