@@ -26,12 +26,13 @@ from kvcli.cli.batch import ray_argv
 from kvcli.core import defaults
 from kvcli.core.budget import parse_budget
 from kvcli.core.errors import KvcliError
+from kvcli.methods import make_method
 
 from conftest import WORDS, make_pdf, save_word_llama
 from test_cli import assert_one_line_error, cli_command, run_cli
 
-# "0.5" as reports write it with the command line's default allocation (e.g. "0.5:heads")
-DEFAULT_HALF = str(parse_budget("0.5", defaults.ALLOCATION))
+# "0.5" as reports write it for snapkv with the default allocation ("auto": snapkv's own, "0.5:relative")
+DEFAULT_HALF = str(make_method("snapkv").budget_for(parse_budget("0.5", defaults.ALLOCATION)))
 
 FAST = ["--max-new-tokens", "3", "-m", "snapkv", "-b", "0.5", "--scoring", "window"]
 
@@ -251,7 +252,7 @@ def test_kv_memory_chooses_the_budget(cli, tmp_path, tiny_model):
     res = cli("batch", doc, *common, "--kv-memory", str(336 * 20))
     assert res.code == 0, res.err
     row = lines_of(out)[0]
-    assert row["budget"] == "20:heads" and row["kv_memory"] == 336 * 20 and row["kv_memory_fits"] is True
+    assert row["budget"] == "20:relative" and row["kv_memory"] == 336 * 20 and row["kv_memory_fits"] is True
     assert row["kv_bytes"] <= 336 * 20 < row["kv_bytes_full"]
     res = cli("batch", doc, *common, "--kv-memory", str(336 * 3))
     assert res.code == 3

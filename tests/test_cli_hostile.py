@@ -255,7 +255,7 @@ def test_config_file_and_environment_precedence(cli, tmp_path, monkeypatch):
     assert res.code == 0, res.err
     settings = json.loads(res.out)["settings"]
     assert settings["method"] == {**settings["method"], "value": "kvmerger", "source": f"config file {cfg}"}
-    assert settings["budget"]["value"] == "0.35:heads" and settings["budget"]["source"] == "environment KVCLI_BUDGET"
+    assert settings["budget"]["value"] == "0.35:auto" and settings["budget"]["source"] == "environment KVCLI_BUDGET"
     assert settings["chunk_size"]["value"] == 256
     assert settings["model"]["source"] == "default"
     assert cli("config", "--path").out.strip() == str(cfg)

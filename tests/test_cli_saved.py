@@ -16,12 +16,13 @@ import pytest
 from kvcli.cli.app import main
 from kvcli.core import defaults
 from kvcli.core.budget import parse_budget
+from kvcli.methods import make_method
 
 from conftest import WORDS, save_word_llama
 from test_cli import assert_one_line_error, run_cli
 
-# "0.5" as reports write it with the command line's default allocation (e.g. "0.5:heads")
-DEFAULT_HALF = str(parse_budget("0.5", defaults.ALLOCATION))
+# "0.5" as reports write it for snapkv with the default allocation ("auto": snapkv's own, "0.5:relative")
+DEFAULT_HALF = str(make_method("snapkv").budget_for(parse_budget("0.5", defaults.ALLOCATION)))
 
 SETTINGS = ["-m", "snapkv", "-b", "0.5", "--chunk-size", "32", "--scoring", "window"]
 

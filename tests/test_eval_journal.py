@@ -51,7 +51,7 @@ def test_a_rerun_takes_everything_from_the_journal(tiny_lm, items, tmp_path):
         first, ran = _run(tiny_lm, items, settings, journal)
     assert len(ran) == 4  # two contexts x (full, snapkv)
     lines = [json.loads(line) for line in (tmp_path / "journal.jsonl").read_text().splitlines()]
-    assert [line["label"] for line in lines] == ["full", "snapkv/recon@0.5:heads"] * 2
+    assert [line["label"] for line in lines] == ["full", "snapkv/recon@0.5:relative"] * 2
     assert all(line["kind"] == "prefill" and len(line["rows"]) == 1 for line in lines)
 
     with Journal(tmp_path) as journal:

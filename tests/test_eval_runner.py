@@ -46,15 +46,11 @@ def test_rows_for_every_method_and_budget(tiny_lm, tmp_path):
         on_step=lambda d, t, label: steps.append((d, t)),
     )
     runs = [("full", "1"), ("pod", "1")]  # plain pod keeps every token: one run whatever the budgets
-    # each row names the allocation its method ran: methods that rank entries the default
-    # ("heads"), the others (streaming, PoD with an inner method) "uniform"
-    ranked = {"h2o", "snapkv", "cam", "kvmerger"}
-    runs += [
-        (m, f"{b}:{'heads' if m in ranked else 'uniform'}")
-        for m in methods
-        if m not in ("full", "pod")
-        for b in ("0.5", "100")
-    ]
+    # each row names the allocation its method ran: methods that rank entries their own (the
+    # default "auto": snapkv "relative", the others "heads"), the rest (streaming, PoD with an
+    # inner method) "uniform"
+    own = {"h2o": "heads", "snapkv": "relative", "cam": "heads", "kvmerger": "heads"}
+    runs += [(m, f"{b}:{own.get(m, 'uniform')}") for m in methods if m not in ("full", "pod") for b in ("0.5", "100")]
     assert steps[-1] == (len(items) * len(runs),) * 2
     assert len(res.rows) == len(items) * len(runs)
     got = {(r.kind, r.method, r.budget) for r in res.rows}

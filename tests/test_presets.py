@@ -53,14 +53,13 @@ def test_explicit_flags_override_a_preset(tmp_path):
     s = presets.resolve_settings(preset=str(path))
     assert (s.method, str(s.budget), s.chunk_size, s.options) == (
         "kvmerger",
-        str(presets.parse_budget("0.4", ALLOCATION)),
+        "0.4:heads",  # the default allocation, "auto", is kvmerger's own
         128,
         {"threshold": 0.8},
     )
     s = presets.resolve_settings(preset=str(path), options={"threshold": 0.9}, budget="300")
-    assert s.options == {"threshold": 0.9} and s.budget == presets.parse_budget(
-        "300", ALLOCATION
-    )  # the default allocation survives
+    assert ALLOCATION == "auto" and s.options == {"threshold": 0.9}
+    assert s.budget == presets.parse_budget("300:heads")  # the default allocation survives, as kvmerger runs it
     s = presets.resolve_settings(preset=str(path), method="h2o")
     assert s.method == "h2o" and s.options == {}  # the preset's options belong to its own method
 

@@ -379,9 +379,9 @@ def test_bare_profile_is_the_headline_methods_on_a_short_document(tiny_model_dir
     spec = seen["spec"]
     tokens = defaults.PROFILE_FULL_TOKENS if full else defaults.PROFILE_TOKENS
     assert spec.methods == (method_names() if full else list(defaults.HEADLINE_METHODS))
-    assert spec.source == f"generated haystack ({tokens} tokens)" and spec.budget == "0.5:heads"
+    assert spec.source == f"generated haystack ({tokens} tokens)" and spec.budget == "0.5:auto"
     plan = " ".join(result.stderr.split())
-    assert f"{len(spec.methods)} methods ({', '.join(spec.methods)}), budget 0.5:heads" in plan
+    assert f"{len(spec.methods)} methods ({', '.join(spec.methods)}), budget 0.5:auto" in plan
     assert f"Plan: {len(spec.methods)} prefills of" in plan and "all in this process" in plan
     assert ("--full: every method" in plan) is not full
 

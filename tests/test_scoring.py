@@ -356,7 +356,7 @@ def test_question_scoring_alone_shares_the_budget_uniformly():
     model = sharpen(tiny_llama(2, layers=3))
     ids = torch.randint(3, 100, (1, 96))
     question = Scoring(name="question", questions=[[20, 21, 22]])
-    for allocation in ("heads", "global"):
+    for allocation in ("heads", "global", "auto"):
         eng = _engine(model, "snapkv", Budget(ratio=0.5, allocation=allocation), question)
         assert str(eng.budget) == "0.5:uniform"
         eng.prefill(ids)
@@ -365,6 +365,12 @@ def test_question_scoring_alone_shares_the_budget_uniformly():
     assert _engine(model, "snapkv", Budget(ratio=0.5, allocation="heads"), both).budget.allocation == "heads"
     recon = Scoring(name="recon", recon=RECON)
     assert _engine(model, "snapkv", Budget(ratio=0.5, allocation="global"), recon).budget.allocation == "global"
+    # "auto" (the default) runs each method's own allocation, and the engine's budget says which
+    auto = Budget(ratio=0.5)
+    assert auto.allocation == "auto"
+    assert str(_engine(model, "snapkv", auto, recon).budget) == "0.5:relative"
+    assert str(_engine(model, "kvmerger", auto, recon).budget) == "0.5:heads"
+    assert str(_engine(model, "streaming", auto).budget) == "0.5:uniform"
 
 
 def test_scoring_names_and_auto():
@@ -396,7 +402,7 @@ def test_budget_text_carries_the_allocation():
 
     # one default for the library and the command line (measured: docs/scoring.md)
     assert parse_budget("0.5") == Budget(ratio=0.5) == Budget(ratio=0.5, allocation=defaults.ALLOCATION)
-    assert defaults.ALLOCATION == "heads"
+    assert defaults.ALLOCATION == "auto"  # each method's own, measured (docs/scoring.md)
     # the text always names the allocation, so it parses back to the same budget
     for text in ("0.5:uniform", "0.35:heads", "0.5:global", "300:uniform", "0.35:relative"):
         assert str(parse_budget(text)) == text and parse_budget(str(parse_budget(text))) == parse_budget(text)
@@ -406,8 +412,12 @@ def test_budget_text_carries_the_allocation():
     with pytest.raises(KvcliError, match="allocation"):
         parse_budget("0.5:sideways")
     # the command line's default (measured: docs/scoring.md) for methods that rank entries only
-    assert resolve_settings(method="snapkv", budget="0.5").budget.allocation == defaults.ALLOCATION
+    # "auto" becomes the method's own allocation (measured: docs/scoring.md, "relative")
+    assert resolve_settings(method="snapkv", budget="0.5").budget.allocation == "relative"
+    assert resolve_settings(method="kvmerger", budget="0.5").budget.allocation == "heads"
+    assert resolve_settings(method="h2o", budget="0.5").budget.allocation == "heads"
+    assert resolve_settings(method="kvmerger", budget="0.5", allocation="relative").budget.allocation == "relative"
     assert resolve_settings(method="snapkv", budget="0.5:uniform").budget.allocation == "uniform"
     assert resolve_settings(method="streaming", budget="0.5").budget.allocation == "uniform"
-    assert load_preset("balanced").budget.allocation == defaults.ALLOCATION
+    assert load_preset("balanced").budget.allocation == "heads"  # kvmerger's own
     assert load_preset("streaming").budget.allocation == "uniform"

@@ -90,10 +90,11 @@ AllocationOpt = Annotated[
     str | None,
     typer.Option(
         "--allocation",
-        help="How the growing layers share the budget: heads (the default, measured in docs/scoring.md: entries "
-        "of every layer and KV head ranked together, a layer keeping its neediest head's count), relative (the "
-        "same, each score divided by its head's mean score first), global (the same ranking, a layer keeping its "
-        "heads' mean) or uniform (each layer the same).",
+        help="How the growing layers share the budget: auto (the default: each method's measured best, relative "
+        "for snapkv, heads for the other scored methods; docs/scoring.md), heads (entries of every layer and KV "
+        "head ranked together, a layer keeping its neediest head's count), relative (the same, each score divided "
+        "by its head's mean score first), global (the same ranking, a layer keeping its heads' mean) or uniform "
+        "(each layer the same).",
     ),
 ]
 NoAdapterOpt = Annotated[

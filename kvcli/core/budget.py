@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from . import defaults
 from .errors import KvcliError
 
-ALLOCATIONS = ("uniform", "global", "heads", "relative")  # how the growing layers share a budget
+ALLOCATIONS = ("auto", "uniform", "global", "heads", "relative")  # how the growing layers share a budget
 
 
 @dataclass(frozen=True)
@@ -16,8 +16,9 @@ class Budget:
     """Either a ratio in (0, 1] of the tokens seen so far, or an absolute entry count, per
     growing layer; ``allocation`` says how the layers share it (``kvcli.methods.allocation``):
     ``uniform`` (each layer that many), ``global`` (layers x that many, ranked across layers),
-    ``heads`` (ranked across layers and KV heads; the default, ``defaults.ALLOCATION``) or
-    ``relative`` (as ``heads``, each score divided by its head's mean first)."""
+    ``heads`` (ranked across layers and KV heads), ``relative`` (as ``heads``, each score
+    divided by its head's mean first) or ``auto`` (the default, ``defaults.ALLOCATION``: the
+    method's own, ``Method.allocation``, which a run's budget names instead)."""
 
     ratio: float | None = None
     tokens: int | None = None

