@@ -14,14 +14,15 @@
 * ``relative``: ``heads``, with each head's scores divided by their mean first, so an entry
   competes on how far it stands out within its head, not on the size of the head's
   attention.  Reconstruction attention is diffuse in some layers (Gemma 3's last global
-  layer: median score 0.025 against 0.55 in its first), and ranked raw such a layer keeps
-  only its sinks and window; divided by its mean, its peaks compete with the other layers'
-  peaks, and a head that copies the context (every entry near its mean) still keeps most.
-  Measured on both embedded models (docs/scoring.md): snapkv's allocation under ``auto``
-  (it gains on both); kvmerger loses with it on SmolLM2 and keeps ``heads``.
+  layer: snapkv's pooled scores have a median of 0.22 there, 0.90 in its first), and ranked
+  raw such a layer keeps only its sinks and window; divided by its mean, its peaks compete
+  with the other layers' peaks, and a head that copies the context (every entry near its
+  mean) still keeps much of its layer.  Measured on both embedded models (docs/scoring.md):
+  snapkv's allocation under ``auto`` (it gains on both); kvmerger loses with it on SmolLM2
+  and keeps ``heads``.
 
-For ``global``, ``heads`` and ``relative`` every layer keeps at least ``floor`` entries (its sinks and
-protected window), and the total is exact: ``target x layers``.
+For ``global``, ``heads`` and ``relative`` every layer keeps at least ``floor`` entries (its
+sinks and protected window), and the total is exact: ``target x layers``.
 """
 
 from __future__ import annotations
