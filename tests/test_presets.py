@@ -62,6 +62,13 @@ def test_explicit_flags_override_a_preset(tmp_path):
     assert s.budget == presets.parse_budget("300:heads")  # the default allocation survives, as kvmerger runs it
     s = presets.resolve_settings(preset=str(path), method="h2o")
     assert s.method == "h2o" and s.options == {}  # the preset's options belong to its own method
+    # so does the allocation "auto" chose for it: the new method gets its own
+    assert str(presets.resolve_settings(preset="streaming", method="snapkv").budget) == "0.5:relative"
+    assert str(presets.resolve_settings(preset="compact", method="snapkv", budget="0.4").budget) == "0.4:relative"
+    assert str(presets.resolve_settings(preset="compact", method="h2o").budget) == "0.35:heads"
+    # an allocation the preset names stays whatever the method
+    named = write(tmp_path, "method: kvmerger\nbudget: 0.4\nallocation: uniform\n", "named.yaml")
+    assert str(presets.resolve_settings(preset=str(named), method="snapkv").budget) == "0.4:uniform"
 
 
 @pytest.mark.parametrize(

@@ -32,6 +32,8 @@ class Settings:
     scoring: str = defaults.SCORING  # see kvcli.engine.scoring; auto is resolved at prefill
     preset: str | None = None
     description: str = ""
+    # The preset named its allocation (else its budget's is its method's own, "auto" resolved)
+    allocation_named: bool = field(default=False, repr=False, compare=False)
 
 
 def builtin_presets() -> dict[str, Path]:
@@ -83,6 +85,7 @@ def _fill_preset(s: Settings, data: dict, path: Path) -> Settings:
     if "allocation" in data:
         try:
             s.budget = replace(s.budget, allocation=data["allocation"])
+            s.allocation_named = True
         except KvcliError as exc:
             raise KvcliError(f"preset {path}: key 'allocation': {exc}") from None
     if "scoring" in data:
@@ -125,6 +128,8 @@ def resolve_settings(
             make_method(method)  # the one-line "unknown method" error
         s.method = method
         s.options = {}  # a preset's options belong to its own method
+        if not s.allocation_named:  # and so does the allocation "auto" chose for it
+            s.budget = replace(s.budget, allocation=defaults.ALLOCATION)
     if budget is not None:  # a preset's allocation survives a budget given as a number
         parsed = budget if isinstance(budget, Budget) else parse_budget(budget)
         if not isinstance(budget, Budget) and ":" not in str(budget):
