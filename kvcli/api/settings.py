@@ -32,8 +32,6 @@ class Settings:
     scoring: str = defaults.SCORING  # see kvcli.engine.scoring; auto is resolved at prefill
     preset: str | None = None
     description: str = ""
-    # The preset named its allocation (else its budget's is its method's own, "auto" resolved)
-    allocation_named: bool = field(default=False, repr=False, compare=False)
 
 
 def builtin_presets() -> dict[str, Path]:
@@ -42,7 +40,13 @@ def builtin_presets() -> dict[str, Path]:
 
 
 def load_preset(ref: str) -> Settings:
-    """A preset by built-in name or YAML path; errors name the file and the key."""
+    """A preset by built-in name or YAML path, its budget as its method runs it; errors name
+    the file and the key."""
+    return _ranked_or_uniform(_read_preset(ref))
+
+
+def _read_preset(ref: str) -> Settings:
+    """A preset as its file says it (an allocation it does not name stays ``auto``)."""
     path = Path(ref)
     table = builtin_presets()
     if ref in table:
@@ -61,7 +65,7 @@ def load_preset(ref: str) -> Settings:
     if unknown:
         raise KvcliError(f"preset {path}: unknown key {unknown[0]!r} (allowed: {', '.join(sorted(KEYS))})")
     s = Settings(preset=str(ref), description=str(data.get("description", "")))
-    return _ranked_or_uniform(_fill_preset(s, data, path))
+    return _fill_preset(s, data, path)
 
 
 def _ranked_or_uniform(s: Settings) -> Settings:
@@ -85,7 +89,6 @@ def _fill_preset(s: Settings, data: dict, path: Path) -> Settings:
     if "allocation" in data:
         try:
             s.budget = replace(s.budget, allocation=data["allocation"])
-            s.allocation_named = True
         except KvcliError as exc:
             raise KvcliError(f"preset {path}: key 'allocation': {exc}") from None
     if "scoring" in data:
@@ -122,14 +125,13 @@ def resolve_settings(
 
     ``options``: ``KEY`` / ``METHOD.KEY`` entries (``-o``), as every command reads them
     (``kvcli.methods.split_options``); they override the preset's for the same option."""
-    s = load_preset(preset) if preset else Settings()
+    # read, not resolved: "auto" becomes the allocation of the method that runs (below)
+    s = _read_preset(preset) if preset else Settings()
     if method is not None and method != s.method:
         if method not in method_names():
             make_method(method)  # the one-line "unknown method" error
         s.method = method
         s.options = {}  # a preset's options belong to its own method
-        if not s.allocation_named:  # and so does the allocation "auto" chose for it
-            s.budget = replace(s.budget, allocation=defaults.ALLOCATION)
     if budget is not None:  # a preset's allocation survives a budget given as a number
         parsed = budget if isinstance(budget, Budget) else parse_budget(budget)
         if not isinstance(budget, Budget) and ":" not in str(budget):
