@@ -303,12 +303,12 @@ def test_heads_share_gives_a_layer_its_neediest_heads_count():
     imp = [torch.full((1, 3, 40), 0.1), torch.full((1, 3, 40), 0.2), torch.full((1, 3, 40), 0.3)]
     imp[0][:, 0] = 1.0  # one head of layer 0 needs all its entries; its other heads none
     mean = global_targets(imp, target=20, floor=4)
-    most = global_targets(imp, target=20, floor=4, share="max")
+    most = global_targets(imp, target=20, floor=4, allocation="heads")
     assert sum(mean) == sum(most) == 60  # both exact: layers x target
     assert most[0] == 40 and mean[0] < 40  # max: the neediest head decides the layer's count
     assert min(most) >= 4  # floors hold
     # within budget: everything kept
-    assert global_targets([torch.rand(1, 2, 10)] * 2, target=20, floor=1, share="max") == [10, 10]
+    assert global_targets([torch.rand(1, 2, 10)] * 2, target=20, floor=1, allocation="heads") == [10, 10]
 
 
 def test_relative_share_ranks_scores_against_their_heads_mean():
@@ -318,17 +318,17 @@ def test_relative_share_ranks_scores_against_their_heads_mean():
     diffuse[..., 10:20] = 0.2
     copying = torch.full((1, 1, 40), 0.5)
     copying[..., ::2] = 0.6
-    raw = global_targets([diffuse, copying], target=20, floor=2, share="max")
-    rel = global_targets([diffuse, copying], target=20, floor=2, share="max", relative=True)
+    raw = global_targets([diffuse, copying], target=20, floor=2, allocation="heads")
+    rel = global_targets([diffuse, copying], target=20, floor=2, allocation="relative")
     assert raw == [2, 38]  # ranked raw, the diffuse layer keeps only its floor
     # divided by the means (0.0575 and 0.55): layer 0's 10 peaks (3.48) outrank all of layer 1
     # (1.09 and 0.91), whose 40 entries outrank layer 0's others (0.17): 10 + 30 make the 40
     assert rel == [10, 30]
     # a layer's scores scaled by a constant leave the relative allocation as it was
-    scaled = global_targets([diffuse * 30, copying], target=20, floor=2, share="max", relative=True)
-    assert scaled == rel and global_targets([diffuse * 30, copying], target=20, floor=2, share="max") != raw
+    scaled = global_targets([diffuse * 30, copying], target=20, floor=2, allocation="relative")
+    assert scaled == rel and global_targets([diffuse * 30, copying], target=20, floor=2, allocation="heads") != raw
     # a head whose scores are all zero neither divides by zero nor wins anything but its floor
-    zero = global_targets([torch.zeros(1, 1, 40), copying], target=20, floor=2, share="max", relative=True)
+    zero = global_targets([torch.zeros(1, 1, 40), copying], target=20, floor=2, allocation="relative")
     assert zero == [2, 38]
 
 

@@ -33,14 +33,10 @@ if TYPE_CHECKING:
     import torch
 
 
-def global_targets(
-    importance: list[torch.Tensor], target: int, floor: int, share: str = "mean", relative: bool = False
-) -> list[int]:
-    """Entries each layer keeps: ``importance[l]`` is ``[B, H, n_l]`` (what the method ranks
-    entries by, comparable across layers); ``target`` is the per-layer budget.  ``share``:
-    a layer keeps the ``mean`` of its heads' winning entries, or the ``max`` (its neediest
-    head's count: every head of the layer then keeps that many, its best ones).
-    ``relative``: rank each entry's score divided by its head's mean score."""
+def global_targets(importance: list[torch.Tensor], target: int, floor: int, allocation: str = "global") -> list[int]:
+    """Entries each layer keeps under ``allocation`` (``global``, ``heads`` or ``relative``,
+    as the module says): ``importance[l]`` is ``[B, H, n_l]`` (what the method ranks entries
+    by, comparable across layers); ``target`` is the per-layer budget."""
     import torch
 
     lengths = [int(imp.shape[-1]) for imp in importance]
@@ -51,12 +47,12 @@ def global_targets(
     ranked = []
     for imp, n in zip(importance, lengths, strict=True):
         imp = imp.float().clone()
-        if relative:  # a head whose scores are all zero stays all zero
+        if allocation == "relative":  # a head whose scores are all zero stays all zero
             imp /= imp.mean(dim=-1, keepdim=True).clamp_min(torch.finfo(imp.dtype).tiny)
         # Each head's best ``floor`` entries win whatever their rank: every layer keeps its floor.
         imp.scatter_(-1, torch.topk(imp, min(floor, n), dim=-1).indices, float("inf"))
         ranked.append(imp.reshape(-1))
-    if share == "max":
+    if allocation != "global":  # heads, relative: a layer keeps its neediest head's count
         return _max_share(torch.cat(ranked), lengths, heads, total)
     owner = torch.repeat_interleave(torch.arange(len(importance)), torch.tensor([heads * n for n in lengths]))
     won = torch.bincount(owner[torch.topk(torch.cat(ranked), total * heads).indices], minlength=len(importance))

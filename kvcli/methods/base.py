@@ -92,7 +92,7 @@ class Method:
             wanted = self.allocation
         else:
             return budget
-        return budget if budget.allocation == wanted else replace(budget, allocation=wanted)
+        return replace(budget, allocation=wanted)
 
     @classmethod
     def option_names(cls) -> list[str]:
@@ -126,10 +126,8 @@ class Method:
             return  # within budget everywhere (always so at the full budget, which scores nothing)
         if budget.allocation != "uniform" and self.ranks_entries:
             importance = [self.importance(layer) for layer in layers]
-            share = "mean" if budget.allocation == "global" else "max"
-            relative = budget.allocation == "relative"
             floor = min(target, self.protected_entries(target))
-            targets = global_targets(importance, target, floor, share, relative)
+            targets = global_targets(importance, target, floor, budget.allocation)
         else:
             targets = [target] * len(layers)
         for layer, keep in zip(layers, targets, strict=True):
