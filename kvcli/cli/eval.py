@@ -128,8 +128,8 @@ def eval_command(
         str,
         typer.Option(
             "--budgets",
-            help="Comma-separated budgets: ratios in (0, 1] or token counts, each optionally :heads (the "
-            "default), :global or :uniform.",
+            help="Comma-separated budgets: ratios in (0, 1] or token counts, each optionally with the allocation: "
+            ":auto (the default: each method's measured best), :heads, :relative, :global or :uniform.",
         ),
     ] = defaults.EVAL_BUDGETS,
     tasks: Annotated[

@@ -47,7 +47,7 @@ BudgetOpt = Annotated[
         "--budget",
         "-b",
         help="Ratio in (0, 1] of tokens seen, or a token count (integer > 1), optionally with the allocation: "
-        "0.5:heads (the default), 0.5:global or 0.5:uniform.",
+        "0.5:auto (the default: each method's measured best), 0.5:heads, 0.5:relative, 0.5:global or 0.5:uniform.",
     ),
 ]
 PresetOpt = Annotated[
