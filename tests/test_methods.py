@@ -57,6 +57,8 @@ def test_hooks_are_declared_on_the_base_class():
         ("snapkv", {"kernel": -3}, "kernel"),
         ("snapkv", {"window": "wide"}, "window"),
         ("snapkv", {"pool": "median"}, "pool"),
+        ("snapkv", {"ahead": -1}, "ahead"),
+        ("snapkv", {"ahead": 2, "pool": "avg"}, "ahead"),
         ("pod", {"recent_min": -1}, "recent_min"),
         ("pod", {"block_size": 0}, "block_size"),
         ("pod", {"profile": 3}, "profile"),
@@ -94,6 +96,17 @@ def test_snapkv_pooling_avg_and_max():
     assert torch.equal(top[0, 0], torch.tensor([0, 0, 1.0, 1, 1, 1, 1, 0, 0]))
     assert torch.allclose(avg[0, 1], obs[0, 1]) and torch.equal(top[0, 1], obs[0, 1])
     assert torch.equal(make_method("snapkv", kernel=1).importance(_Scored(obs)), obs)
+
+
+def test_snapkv_ahead_lifts_the_entries_before_a_peak():
+    obs = torch.zeros(1, 1, 12)
+    obs[0, 0, 7] = 1.0
+    obs[0, 0, 8] = 0.5
+    ahead = make_method("snapkv", ahead=2).importance(_Scored(obs))[0, 0]
+    # the window of entry i is [i - 2, i + 4]: 3..9 see the peak, 10 sees 0.5, 11 nothing
+    assert torch.equal(ahead, torch.tensor([0, 0, 0, 1.0, 1, 1, 1, 1, 1, 1, 0.5, 0]))
+    centred = make_method("snapkv", ahead=0).importance(_Scored(obs))[0, 0]
+    assert torch.equal(centred, torch.tensor([0, 0, 0, 0, 0, 1.0, 1, 1, 1, 1, 0.5, 0]))
 
 
 def test_old_option_names_are_aliases():

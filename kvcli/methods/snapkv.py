@@ -10,6 +10,11 @@ An average blurs a sharp per-entry score such as reconstruction's (the default s
 maximum keeps every entry within ``kernel // 2`` of a high-scored one as high.  Measured with
 reconstruction scores on both models (docs/scoring.md): ``max`` kept as many tasks or more in
 every configuration.
+
+``ahead``: with ``max``, each entry also takes the maximum of this many entries after the
+kernel's right edge (default 0: the centred pool).  Reconstruction scores rise along a
+copied span (its first tokens are read least surely), so looking further ahead than back
+lifts a span's start; docs/scoring.md has what it measured.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ class SnapKV(Method):
     window: int = defaults.OBS_WINDOW  # most recent entries always kept
     kernel: int = 5  # pooling width (odd, so the pool is centred)
     pool: str = "max"  # "max" or "avg" (the paper's) over the kernel's neighbours
+    ahead: int = 0  # max pool only: this many more entries after the kernel's right edge
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -44,6 +50,9 @@ class SnapKV(Method):
         if self.kernel < 1 or self.kernel % 2 == 0:
             raise KvcliError(f"snapkv: option kernel must be an odd positive integer, got {self.kernel}")
         self.pool = choice(self, "pool", self.pool, ("avg", "max"))
+        self.ahead = integer(self, "ahead", self.ahead, minimum=0)
+        if self.ahead and self.pool != "max":
+            raise KvcliError(f"snapkv: option ahead needs pool=max, got pool={self.pool}")
 
     @property
     def needs_scores(self) -> bool:
@@ -57,7 +66,9 @@ class SnapKV(Method):
         b, h, n = obs.shape
         flat = obs.reshape(b * h, 1, n)
         if self.pool == "max":
-            pooled = F.max_pool1d(flat, self.kernel, stride=1, padding=self.kernel // 2)
+            half = self.kernel // 2
+            padded = F.pad(flat, (half, half + self.ahead), value=float("-inf"))
+            pooled = F.max_pool1d(padded, self.kernel + self.ahead, stride=1)
         else:
             pooled = F.avg_pool1d(flat, self.kernel, stride=1, padding=self.kernel // 2, count_include_pad=False)
         return pooled.reshape(b, h, n)
