@@ -89,20 +89,21 @@ def test_snapkv_pooling_avg_and_max():
     obs[0, 0, 4] = 1.0  # one sharp score in head 0; head 1 all equal
     obs[0, 1] = 0.5
     avg = make_method("snapkv", pool="avg").importance(_Scored(obs))
-    top = make_method("snapkv").importance(_Scored(obs))  # max is the default
+    top = make_method("snapkv", ahead=0).importance(_Scored(obs))  # max is the default
     # avg: the peak is shared with its neighbours (1/5 each), edges averaged over the window only
     assert torch.allclose(avg[0, 0], torch.tensor([0, 0, 0.2, 0.2, 0.2, 0.2, 0.2, 0, 0]))
     # max: every entry within kernel // 2 = 2 of the peak scores as high as the peak
     assert torch.equal(top[0, 0], torch.tensor([0, 0, 1.0, 1, 1, 1, 1, 0, 0]))
     assert torch.allclose(avg[0, 1], obs[0, 1]) and torch.equal(top[0, 1], obs[0, 1])
-    assert torch.equal(make_method("snapkv", kernel=1).importance(_Scored(obs)), obs)
+    assert torch.equal(make_method("snapkv", kernel=1, ahead=0).importance(_Scored(obs)), obs)
 
 
 def test_snapkv_ahead_lifts_the_entries_before_a_peak():
     obs = torch.zeros(1, 1, 12)
     obs[0, 0, 7] = 1.0
     obs[0, 0, 8] = 0.5
-    ahead = make_method("snapkv", ahead=2).importance(_Scored(obs))[0, 0]
+    assert make_method("snapkv").ahead == 2 and make_method("snapkv", pool="avg").ahead == 0  # the defaults
+    ahead = make_method("snapkv").importance(_Scored(obs))[0, 0]
     # the window of entry i is [i - 2, i + 4]: 3..9 see the peak, 10 sees 0.5, 11 nothing
     assert torch.equal(ahead, torch.tensor([0, 0, 0, 1.0, 1, 1, 1, 1, 1, 1, 0.5, 0]))
     centred = make_method("snapkv", ahead=0).importance(_Scored(obs))[0, 0]

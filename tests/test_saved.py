@@ -240,6 +240,13 @@ def test_a_file_written_before_snapkv_had_pool_reads_as_avg(lms, tmp_path):
     assert api.load_context(lms["llama-gqa"], path).engine.method.pool == "max"
     _rewrite_header(path, lambda h: h["method_options"].pop("pool"))
     assert api.load_context(lms["llama-gqa"], path).engine.method.pool == "avg"
+    assert api.load_context(lms["llama-gqa"], path).engine.method.ahead == 0
+    centred = tmp_path / "centred.kvc"  # written with max pooling, before ``ahead``
+    prefill(lms["llama-gqa"]).save(centred)
+    assert api.load_context(lms["llama-gqa"], centred).engine.method.ahead == 2
+    _rewrite_header(centred, lambda h: h["method_options"].pop("ahead"))
+    loaded = api.load_context(lms["llama-gqa"], centred).engine.method
+    assert (loaded.pool, loaded.ahead) == ("max", 0)
     inner = tmp_path / "pod.kvc"
     prefill(lms["llama-gqa"], method="pod+snapkv").save(inner)
     _rewrite_header(inner, lambda h: h["method_options"]["inner"].pop("pool"))

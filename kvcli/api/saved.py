@@ -145,8 +145,9 @@ def check_model(saved: kvcfile.SavedFile, lm: LoadedModel) -> None:
 
 #: Options whose default changed since files were written: a file that does not name one
 #: was written when it had this value (snapkv's ``pool`` was always "avg" before it became
-#: an option with "max" as default, 2026-12-06).
-WRITTEN_BEFORE = {"snapkv": {"pool": "avg"}}
+#: an option with "max" as default, 2026-12-06; its max pool was centred before ``ahead``,
+#: 2026-12-07).
+WRITTEN_BEFORE = {"snapkv": {"pool": "avg", "ahead": 0}}
 
 
 def method_from(saved: kvcfile.SavedFile) -> Method:
