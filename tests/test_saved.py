@@ -238,7 +238,7 @@ def test_a_file_written_before_snapkv_had_pool_reads_as_avg(lms, tmp_path):
     path = tmp_path / "doc.kvc"
     prefill(lms["llama-gqa"]).save(path)
     assert api.load_context(lms["llama-gqa"], path).engine.method.pool == "max"
-    _rewrite_header(path, lambda h: h["method_options"].pop("pool"))
+    _rewrite_header(path, lambda h: [h["method_options"].pop(k) for k in ("pool", "ahead")])
     assert api.load_context(lms["llama-gqa"], path).engine.method.pool == "avg"
     assert api.load_context(lms["llama-gqa"], path).engine.method.ahead == 0
     centred = tmp_path / "centred.kvc"  # written with max pooling, before ``ahead``
@@ -249,5 +249,5 @@ def test_a_file_written_before_snapkv_had_pool_reads_as_avg(lms, tmp_path):
     assert (loaded.pool, loaded.ahead) == ("max", 0)
     inner = tmp_path / "pod.kvc"
     prefill(lms["llama-gqa"], method="pod+snapkv").save(inner)
-    _rewrite_header(inner, lambda h: h["method_options"]["inner"].pop("pool"))
+    _rewrite_header(inner, lambda h: [h["method_options"]["inner"].pop(k) for k in ("pool", "ahead")])
     assert api.load_context(lms["llama-gqa"], inner).engine.method.inner.pool == "avg"
