@@ -73,6 +73,23 @@ def test_most_similar_pairs_merge_first_when_budget_needs_few():
     assert sets == [0, 1, 2, 3, 3]  # only the identical pair (3, 4)
 
 
+def test_score_fallback_merges_the_least_attended_dissimilar_pairs():
+    # six mutually orthogonal keys: no pair passes the threshold, so the fallback decides;
+    # entries 3 and 4 are the least attended, 0 and 1 the most similar pair
+    keys = torch.stack(
+        [direction(0), direction(0) * 0.5 + direction(1), direction(2), direction(3), direction(4), direction(5)]
+    )
+    keys = keys.unsqueeze(0).unsqueeze(0)
+    scores = torch.tensor([[0.9, 0.8, 0.7, 0.1, 0.05, 0.6]])
+    free = torch.zeros(1, 6, dtype=torch.bool)
+    by_cosine = merger(fallback="merge").merging_sets(keys, free, n_merge=1, scores=scores)[0].tolist()
+    assert by_cosine == [0, 0, 1, 2, 3, 4]
+    by_score = merger(fallback="score").merging_sets(keys, free, n_merge=1, scores=scores)[0].tolist()
+    assert by_score == [0, 1, 2, 3, 3, 4]
+    with pytest.raises(KvcliError, match="scores"):
+        merger(fallback="score").merging_sets(keys, free, n_merge=1)
+
+
 @pytest.mark.parametrize("value_mode", ["bias", "scale"])
 def test_weights_follow_the_gaussian_kernel_formula(value_mode):
     torch.manual_seed(0)
@@ -94,7 +111,7 @@ def test_weights_follow_the_gaussian_kernel_formula(value_mode):
     assert m.count_bias == (value_mode == "bias")
 
 
-@pytest.mark.parametrize("fallback", ["merge", "evict"])
+@pytest.mark.parametrize("fallback", ["merge", "score", "evict"])
 @pytest.mark.parametrize("similar", [True, False])
 def test_budget_is_exact(similar, fallback):
     torch.manual_seed(1)
@@ -105,7 +122,7 @@ def test_budget_is_exact(similar, fallback):
     m.compress_layer(layer, target=13)
     assert layer.length == 13 and layer.keys.shape[2] == 13
     counts = layer.entry_counts()[0, 0]
-    if similar or fallback == "merge":
+    if similar or fallback in ("merge", "score"):
         assert counts.sum().item() == n  # nothing evicted: every token is represented
     else:
         assert counts.sum().item() < n  # dissimilar keys: fell back to eviction
@@ -127,7 +144,30 @@ def test_counts_accumulate_across_repeated_merges():
     assert layer.length == 5 and counts.sum().item() == 40 and counts.max().item() > 10
 
 
+def test_heavy_hitters_rank_by_pooled_scores_when_asked():
+    # one peak at entry 6 of 12; two heavy hitters
+    scores = torch.zeros(1, 12)
+    scores[0, 6] = 1.0
+    scores[0, 2] = 0.5
+    raw = merger(heavy=0.5).protected(scores, target=4)[0]  # 2 heavy hitters: the two peaks
+    assert raw.nonzero().flatten().tolist() == [2, 6]
+    # pooled over 1 back and 1 + 2 ahead: entries 3..7 reach the peak at 6 and outrank the
+    # lesser peak at 2 (0.5), so both heavy hitters lie in the peak's span
+    pooled = merger(heavy=0.5, kernel=3, ahead=2).protected(scores, target=4)[0]
+    chosen = set(pooled.nonzero().flatten().tolist())
+    assert len(chosen) == 2 and chosen <= {3, 4, 5, 6, 7}
+    assert merger(heavy=0.5, kernel=1, ahead=0).protected(scores, target=4)[0].tolist() == raw.tolist()
+
+
 def test_invalid_options_are_clear_errors():
-    for bad in ({"threshold": 2}, {"sigma": 0}, {"recent": 0.9, "heavy": 0.5}, {"value_mode": "x"}):
+    for bad in (
+        {"threshold": 2},
+        {"sigma": 0},
+        {"recent": 0.9, "heavy": 0.5},
+        {"value_mode": "x"},
+        {"kernel": 4},
+        {"kernel": 0},
+        {"ahead": -1},
+    ):
         with pytest.raises(KvcliError):
             make_method("kvmerger", **bad)

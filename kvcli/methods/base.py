@@ -192,6 +192,29 @@ def choice(method: Method, name: str, value: Any, choices: tuple[str, ...]) -> s
 
 
 # ---- shared selection -----------------------------------------------------------------------------
+def pool_scores(scores: torch.Tensor, kernel: int, pool: str = "max", ahead: int = 0) -> torch.Tensor:
+    """Scores ``[..., n]`` pooled over neighbouring entries: entry i takes the maximum (or
+    the mean, ``pool="avg"``) of entries ``i - kernel//2 .. i + kernel//2 + ahead``.  With
+    ``max`` an entry next to a high-scored one scores as high, so a kept entry keeps its
+    context; ``ahead`` reaches further right than left (a copied span's first entries score
+    lowest under reconstruction, docs/scoring.md).  ``kernel`` 1 and ``ahead`` 0: unchanged."""
+    import torch.nn.functional as F  # here, not at the top: checking options needs no torch
+
+    if kernel == 1 and not ahead:
+        return scores
+    shape, n = scores.shape, scores.shape[-1]
+    flat = scores.reshape(-1, 1, n)
+    if pool == "max":
+        half = kernel // 2
+        padded = F.pad(flat, (half, half + ahead), value=float("-inf"))
+        pooled = F.max_pool1d(padded, kernel + ahead, stride=1)
+    else:
+        if ahead:
+            raise ValueError("pool_scores: ahead needs pool='max'")
+        pooled = F.avg_pool1d(flat, kernel, stride=1, padding=kernel // 2, count_include_pad=False)
+    return pooled.reshape(shape)
+
+
 def protected_scores(scores: torch.Tensor, n_sink: int, n_recent: int) -> torch.Tensor:
     """Scores with sinks and the recent window set to +inf so top-k always keeps them."""
     scores = scores.clone()

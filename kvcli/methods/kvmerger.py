@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 from ..core.errors import KvcliError
-from .base import Method, choice, fraction, number
+from .base import Method, choice, fraction, integer, number, pool_scores
 
 if TYPE_CHECKING:  # torch and the kernels load when a layer is compressed, not when options are checked
     import torch
@@ -55,7 +55,10 @@ class KVMerger(Method):
     recent: float = 0.3  # share of the budget kept as the recent window
     heavy: float = 0.1  # share of the budget kept as heavy hitters
     value_mode: str = "bias"  # "bias" (log-count logit bias) or "scale" (the paper's value x |S|)
-    fallback: str = "merge"  # too few similar pairs: "merge" the most similar anyway, or "evict"
+    fallback: str = "merge"  # too few similar pairs: "merge" the most similar anyway, "score":
+    # merge the least-attended pairs, or "evict"
+    kernel: int = 1  # heavy hitters rank by scores max-pooled over this many neighbours (odd)
+    ahead: int = 0  # ... and this many more entries to the right (as snapkv's pool)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -69,7 +72,11 @@ class KVMerger(Method):
                 f"got {self.recent} + {self.heavy}"
             )
         self.value_mode = choice(self, "value_mode", self.value_mode, ("bias", "scale"))
-        self.fallback = choice(self, "fallback", self.fallback, ("merge", "evict"))
+        self.fallback = choice(self, "fallback", self.fallback, ("merge", "score", "evict"))
+        self.kernel = integer(self, "kernel", self.kernel)
+        if self.kernel < 1 or self.kernel % 2 == 0:
+            raise KvcliError(f"kvmerger: option kernel must be an odd positive integer, got {self.kernel}")
+        self.ahead = integer(self, "ahead", self.ahead, minimum=0)
 
     @property
     def needs_scores(self) -> bool:
@@ -84,6 +91,11 @@ class KVMerger(Method):
         return True
 
     # ---- the three steps -------------------------------------------------------------
+    def ranking(self, scores: torch.Tensor) -> torch.Tensor:
+        """``[B, n]`` scores as heavy hitters and ``fallback="score"`` rank them: max-pooled
+        over ``kernel`` neighbours and ``ahead`` more to the right (as snapkv's pool)."""
+        return pool_scores(scores, self.kernel, "max", self.ahead)
+
     def protected(self, scores: torch.Tensor, target: int) -> torch.Tensor:
         """``[B, n]`` bool: sinks, recent window and heavy hitters (layer-shared)."""
         import torch  # here, not at the top: checking options needs no torch
@@ -96,13 +108,15 @@ class KVMerger(Method):
             prot[:, n - n_recent :] = True
         n_heavy = min(int(round(self.heavy * target)), int((~prot).sum(1).min()))
         if n_heavy:
-            top = scores.masked_fill(prot, -float("inf")).topk(n_heavy, dim=1).indices
+            top = self.ranking(scores).masked_fill(prot, -float("inf")).topk(n_heavy, dim=1).indices
             prot.scatter_(1, top, True)
         return prot
 
-    def edge_ranks(self, keys: torch.Tensor, prot: torch.Tensor) -> torch.Tensor:
+    def edge_ranks(self, keys: torch.Tensor, prot: torch.Tensor, scores: torch.Tensor | None = None) -> torch.Tensor:
         """``[B, n-1]``: how eligible each adjacent pair is for merging (higher first,
-        ``-inf`` never): cosine of the keys, averaged over KV heads."""
+        ``-inf`` never): cosine of the keys, averaged over KV heads.  Pairs below the
+        threshold rank after every passing pair: by cosine (``fallback="merge"``) or by the
+        larger of their two (pooled) scores, least first (``"score"``; needs ``scores``)."""
         import torch
 
         from ..attention.backends import adjacent_similarity
@@ -113,9 +127,17 @@ class KVMerger(Method):
         edge = sims.masked_fill(~ok, -float("inf"))
         if self.fallback == "merge":  # below-threshold pairs rank after every passing pair
             edge = torch.where(free & ~ok, sims - 4.0, edge)
+        elif self.fallback == "score":
+            if scores is None:
+                raise KvcliError("kvmerger: fallback=score needs the entries' scores")
+            pair = torch.maximum(scores[:, :-1], scores[:, 1:])
+            pair = pair / pair.amax(1, keepdim=True).clamp_min(1e-12)  # [0, 1], least attended first
+            edge = torch.where(free & ~ok, -2.0 - pair, edge)
         return edge
 
-    def merging_sets(self, keys: torch.Tensor, prot: torch.Tensor, n_merge: int) -> torch.Tensor:
+    def merging_sets(
+        self, keys: torch.Tensor, prot: torch.Tensor, n_merge: int, scores: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Set id of every entry ``[B, n]`` after joining the ``n_merge`` most similar
         eligible adjacent pairs (cosine above the threshold, neither end protected)."""
         import torch  # here, not at the top: checking options needs no torch
@@ -123,7 +145,7 @@ class KVMerger(Method):
         b, n = prot.shape
         if n < 2 or n_merge <= 0:
             return torch.arange(n, device=keys.device).expand(b, n).contiguous()
-        edge = self.edge_ranks(keys, prot)
+        edge = self.edge_ranks(keys, prot, scores)
         vals, idx = edge.topk(min(n_merge, n - 1), dim=1)
         join = torch.zeros((b, n - 1), dtype=torch.bool, device=keys.device)
         join.scatter_(1, idx, torch.isfinite(vals))
@@ -162,7 +184,7 @@ class KVMerger(Method):
         head_scores = layer.require("scores")
         scores = head_scores.sum(1)  # [B, n]: attention received, summed over KV heads
         prot = self.protected(scores, target)
-        set_ids = self.merging_sets(keys, prot, n - target)
+        set_ids = self.merging_sets(keys, prot, n - target, self.ranking(scores))
         n_sets = int(set_ids[0, -1]) + 1
         piv = self.pivots(scores, set_ids, n_sets)
 

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 from ..core import defaults
 from ..core.errors import KvcliError
-from .base import Method, choice, integer, keep_top
+from .base import Method, choice, integer, keep_top, pool_scores
 
 if TYPE_CHECKING:
     import torch
@@ -66,18 +66,7 @@ class SnapKV(Method):
 
     def importance(self, layer: GrowingLayer) -> torch.Tensor:
         """The observation's attention, pooled over neighbouring entries."""
-        import torch.nn.functional as F  # here, not at the top: checking options needs no torch
-
-        obs = layer.require("obs")
-        b, h, n = obs.shape
-        flat = obs.reshape(b * h, 1, n)
-        if self.pool == "max":
-            half, ahead = self.kernel // 2, self.ahead or 0  # an int once __post_init__ ran
-            padded = F.pad(flat, (half, half + ahead), value=float("-inf"))
-            pooled = F.max_pool1d(padded, self.kernel + ahead, stride=1)
-        else:
-            pooled = F.avg_pool1d(flat, self.kernel, stride=1, padding=self.kernel // 2, count_include_pad=False)
-        return pooled.reshape(b, h, n)
+        return pool_scores(layer.require("obs"), self.kernel, self.pool, self.ahead or 0)
 
     def protected_entries(self, target: int) -> int:
         return self.n_sink + self.window
