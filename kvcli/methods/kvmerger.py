@@ -17,7 +17,8 @@ Choices where the paper is unclear (written down, measured in the README):
   ``length - target`` adjacent pairs are merged, the most similar first, so chains form
   where keys are most alike.  If too few pairs pass the threshold, ``fallback="merge"``
   (default) goes on merging the most similar remaining unprotected pairs below it;
-  ``"evict"`` drops the lowest-attention unprotected entries instead.  On needle retrieval
+  ``"evict"`` drops the lowest-attention unprotected entries instead; ``"score"`` merges the
+  least-attended remaining pairs first.  On needle retrieval
   merging kept the needle more often and the reference answer likelier (README); in the
   last growing layer of Gemma 3 only ~8% of adjacent keys pass 0.75, so the fallback
   decides most of that layer.
