@@ -166,6 +166,14 @@ def integer(method: Method, name: str, value: Any, minimum: int | None = None) -
     return out
 
 
+def odd_width(method: Method, name: str, value: Any) -> int:
+    """A pooling width: an odd positive integer, so the window is centred on its entry."""
+    out = integer(method, name, value)
+    if out < 1 or out % 2 == 0:
+        raise _bad(method, name, "an odd positive integer", value)
+    return out
+
+
 def number(
     method: Method, name: str, value: Any, low: float | None = None, high: float | None = None, positive: bool = False
 ) -> float:

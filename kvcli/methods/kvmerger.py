@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 from ..core.errors import KvcliError
-from .base import Method, choice, fraction, integer, number, pool_scores
+from .base import Method, choice, fraction, integer, number, odd_width, pool_scores
 
 if TYPE_CHECKING:  # torch and the kernels load when a layer is compressed, not when options are checked
     import torch
@@ -74,9 +74,7 @@ class KVMerger(Method):
             )
         self.value_mode = choice(self, "value_mode", self.value_mode, ("bias", "scale"))
         self.fallback = choice(self, "fallback", self.fallback, ("merge", "score", "evict"))
-        self.kernel = integer(self, "kernel", self.kernel)
-        if self.kernel < 1 or self.kernel % 2 == 0:
-            raise KvcliError(f"kvmerger: option kernel must be an odd positive integer, got {self.kernel}")
+        self.kernel = odd_width(self, "kernel", self.kernel)
         self.ahead = integer(self, "ahead", self.ahead, minimum=0)
 
     @property
@@ -185,7 +183,8 @@ class KVMerger(Method):
         head_scores = layer.require("scores")
         scores = head_scores.sum(1)  # [B, n]: attention received, summed over KV heads
         prot = self.protected(scores, target)
-        set_ids = self.merging_sets(keys, prot, n - target, self.ranking(scores))
+        ranked = self.ranking(scores) if self.fallback == "score" else None  # only that fallback reads it
+        set_ids = self.merging_sets(keys, prot, n - target, ranked)
         n_sets = int(set_ids[0, -1]) + 1
         piv = self.pivots(scores, set_ids, n_sets)
 

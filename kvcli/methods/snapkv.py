@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 from ..core import defaults
 from ..core.errors import KvcliError
-from .base import Method, choice, integer, keep_top, pool_scores
+from .base import Method, choice, integer, keep_top, odd_width, pool_scores
 
 if TYPE_CHECKING:
     import torch
@@ -50,9 +50,7 @@ class SnapKV(Method):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.window = integer(self, "window", self.window, minimum=0)
-        self.kernel = integer(self, "kernel", self.kernel)
-        if self.kernel < 1 or self.kernel % 2 == 0:
-            raise KvcliError(f"snapkv: option kernel must be an odd positive integer, got {self.kernel}")
+        self.kernel = odd_width(self, "kernel", self.kernel)
         self.pool = choice(self, "pool", self.pool, ("avg", "max"))
         if self.ahead is None:
             self.ahead = 2 if self.pool == "max" else 0
