@@ -66,6 +66,9 @@ def test_explicit_flags_override_a_preset(tmp_path):
     assert str(presets.resolve_settings(preset="streaming", method="snapkv").budget) == "0.5:relative"
     assert str(presets.resolve_settings(preset="compact", method="snapkv", budget="0.4").budget) == "0.4:relative"
     assert str(presets.resolve_settings(preset="compact", method="h2o").budget) == "0.35:heads"
+    # the README's way to run KVMerger at a preset's budget: its own options and allocation
+    s = presets.resolve_settings(preset="balanced", method="kvmerger")
+    assert (s.method, str(s.budget), s.options) == ("kvmerger", "0.5:heads", {})
     # an allocation the preset names stays whatever the method
     named = write(tmp_path, "method: kvmerger\nbudget: 0.4\nallocation: uniform\n", "named.yaml")
     assert str(presets.resolve_settings(preset=str(named), method="snapkv").budget) == "0.4:uniform"
@@ -109,6 +112,8 @@ def test_presets_command_lists_name_method_budget_description():
     assert lines["lossless"].split()[1:3] == ["full", "1"]
     assert lines["streaming"].split()[1:3] == ["streaming", "0.5:uniform"]
     assert "StreamingLLM" in lines["streaming"]
+    col = result.stdout.splitlines()[0].index("description")  # one column, however long a budget's text
+    assert all(line[col - 2 : col] == "  " and line[col] != " " for line in lines.values()), result.stdout
     rows = json.loads(runner.invoke(app, ["presets", "--json"]).stdout)
     assert {r["name"] for r in rows} == set(presets.builtin_presets())
 

@@ -20,7 +20,8 @@ def presets(
         return
     w_name = max([len(r.name) for r in rows] + [6])
     w_method = max([len(r.method) for r in rows] + [6])
-    print(f"{'preset':{w_name}s}  {'method':{w_method}s}  {'budget':6s}  description")
+    w_budget = max([len(r.budget) for r in rows] + [6])
+    print(f"{'preset':{w_name}s}  {'method':{w_method}s}  {'budget':{w_budget}s}  description")
     for r in rows:
         unavailable = "" if r.available else f"  [unavailable: {r.reason}]"
-        print(f"{r.name:{w_name}s}  {r.method:{w_method}s}  {r.budget:6s}  {r.description}{unavailable}")
+        print(f"{r.name:{w_name}s}  {r.method:{w_method}s}  {r.budget:{w_budget}s}  {r.description}{unavailable}")
