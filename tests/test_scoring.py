@@ -419,5 +419,5 @@ def test_budget_text_carries_the_allocation():
     assert resolve_settings(method="kvmerger", budget="0.5", allocation="relative").budget.allocation == "relative"
     assert resolve_settings(method="snapkv", budget="0.5:uniform").budget.allocation == "uniform"
     assert resolve_settings(method="streaming", budget="0.5").budget.allocation == "uniform"
-    assert load_preset("balanced").budget.allocation == "heads"  # kvmerger's own
+    assert load_preset("balanced").budget.allocation == "relative"  # snapkv's own
     assert load_preset("streaming").budget.allocation == "uniform"
