@@ -103,6 +103,34 @@ def test_recon_stats_scores_only_the_chunk_against_sinks_chunk_and_reconstructio
     assert torch.all(layer.scores[..., : n_ctx - n_chunk] == 0.25)  # older entries untouched
 
 
+@pytest.mark.parametrize("local", [True, False])
+def test_recon_stats_give_the_template_header_the_largest_score(local):
+    """The chunk's first ``header`` entries (the prompt template's header, which the pass does
+    not copy) score 1 in every head, whichever pass; every other entry scores as without a
+    header."""
+    torch.manual_seed(4)
+    n_ctx, n_chunk, n_rec, sinks, header = 30, 10, 12, 2, 3
+    q = torch.randn(1, 4, n_rec, 8)
+    k_pos = torch.arange(n_ctx + n_rec).view(1, 1, -1)
+    q_pos = torch.arange(n_ctx, n_ctx + n_rec)
+    plain, marked = _layer_with(n_ctx + n_rec), _layer_with(n_ctx + n_rec)
+    marked.keys, marked.values = plain.keys.clone(), plain.values.clone()
+    for layer, h in ((plain, 0), (marked, header)):
+        layer.scores = torch.full((1, 2, n_ctx + n_rec), 0.25)
+        stats = ReconStats(n_chunk=n_chunk, n_sink=sinks, local=local, attends=local, header=h)
+        if local:
+            stats.attend(layer, q, layer.keys, layer.values, q_pos, k_pos, None, 0.5)
+        else:
+            stats(layer, q, layer.keys, q_pos, k_pos, None, 0.5)
+    first = n_ctx - n_chunk
+    assert torch.all(marked.scores[..., first : first + header] == 1.0)
+    assert torch.all(plain.scores[..., first : first + header] < 1.0)
+    torch.testing.assert_close(marked.scores[..., first + header : n_ctx], plain.scores[..., first + header : n_ctx])
+    # older entries: as without a header (the whole-cache pass raises them too)
+    torch.testing.assert_close(marked.scores[..., :first], plain.scores[..., :first])
+    torch.testing.assert_close(marked.obs[..., first + header : n_ctx], plain.obs[..., first + header : n_ctx])
+
+
 def test_attend_max_gives_the_attention_and_its_maximum_from_one_softmax():
     """Against two independent computations: the reference attention (SDPA) for the output and
     the float64 eager maximum for the statistics; per-head positions in any order and a bias,
@@ -152,6 +180,36 @@ def test_recon_prompt_ids():
     assert prompt.ids(ctx, 0, 4).tolist() == [[7, 8, 100, 101, 102, 103]]
     # a later chunk is introduced by the last `overlap` tokens before it
     assert prompt.ids(ctx, 10, 13).tolist() == [[9, 107, 108, 109, 5, 110, 111, 112]]
+    # the template's header (`skip` tokens) is not copied: the first chunk's copy starts after it
+    header = ReconPrompt(first=(7, 8), next_head=(9,), next_tail=(5,), overlap=3, skip=2)
+    assert header.ids(ctx, 0, 4).tolist() == [[7, 8, 102, 103]]
+    assert header.ids(ctx, 0, 1).tolist() == [[7, 8]]  # a chunk inside the header: the prompt alone
+    assert header.ids(ctx, 10, 13).tolist() == prompt.ids(ctx, 10, 13).tolist()
+
+
+def test_prefill_reconstructs_the_document_not_the_template_header(monkeypatch):
+    """api.prefill puts the template's header (here the completion template's ``<bos>``)
+    before the document; the first chunk's reconstruction copies the document only (a
+    ``<bos>`` in the middle of the pass drew the attention after it on Gemma 3)."""
+    lm = api.wrap_model(sharpen(tiny_llama(2)), IdTokenizer())
+    tok = lm.tokenizer
+    passes = []
+    real = Engine.observe
+    monkeypatch.setattr(Engine, "observe", lambda self, ids, c: (passes.append(ids[0].tolist()), real(self, ids, c))[1])
+    text = "abcdefghijklmnopqrstuvwxyz0123"
+    api.prefill(lm, text, method="snapkv", budget=0.5, scoring="recon", chunk_size=16)
+    first, head, tail = COMPLETION.reconstruction()
+    doc = tok.encode(text)
+    assert COMPLETION.prefix_ids(tok) == [tok.bos_token_id]
+    assert passes[0] == tok.encode(first) + doc[:15]  # the chunk's 16 tokens less the <bos>
+    assert passes[1] == tok.encode(head) + doc[7:15] + tok.encode(tail) + doc[15:]
+
+
+def test_scoring_marks_the_header_entries_of_the_chunks_that_hold_them():
+    scoring = Scoring(name="recon", recon=ReconPrompt(first=(7,), next_head=(8,), next_tail=(9,), overlap=2, skip=5))
+    ctx = torch.arange(100, 140).view(1, -1)
+    headers = [collector.header for s, e in ((0, 4), (4, 8), (8, 16)) for _, collector in scoring.passes(ctx, s, e)]
+    assert headers == [4, 1, 0]
 
 
 def test_template_reconstruction_is_asked_like_a_question():

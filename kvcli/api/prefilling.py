@@ -56,12 +56,14 @@ def resolve_scoring(scoring: str, has_questions: bool) -> str:
     return scoring
 
 
-def make_scoring(name: str, template: Template, tokenizer, questions: Sequence[str]) -> Scoring:
+def make_scoring(name: str, template: Template, tokenizer, questions: Sequence[str], header: int = 0) -> Scoring:
+    """``header``: the context's leading template tokens, which the reconstruction does not copy."""
+
     def ids(text: str) -> list[int]:
         return tokenizer.encode(text, add_special_tokens=False)
 
     first, next_head, next_tail = template.reconstruction()
-    recon = ReconPrompt(tuple(ids(first)), tuple(ids(next_head)), tuple(ids(next_tail)))
+    recon = ReconPrompt(tuple(ids(first)), tuple(ids(next_head)), tuple(ids(next_tail)), skip=header)
     asked = [ids(template.question(q)) for q in questions] if "question" in name else []
     return Scoring(name=name, questions=asked, recon=recon)
 
@@ -106,11 +108,14 @@ def prefill(
         meth = make_method(method, **(method_options or {}))
     template = choose_template(lm.tokenizer, lm.is_base)
     tok = lm.tokenizer
+    header = 0
     if raw:
         ids = torch.as_tensor(document, dtype=torch.long).view(1, -1)
     else:
         text = document.text if isinstance(document, Document) else str(document)
-        ids = torch.tensor([template.prefix_ids(tok) + tok.encode(text, add_special_tokens=False)], dtype=torch.long)
+        prefix = template.prefix_ids(tok)
+        header = len(prefix)
+        ids = torch.tensor([prefix + tok.encode(text, add_special_tokens=False)], dtype=torch.long)
     truncated = 0
     limit = lm.max_positions
     if limit and ids.shape[1] + defaults.QUESTION_RESERVE > limit:
@@ -121,7 +126,7 @@ def prefill(
         ids = ids[:, :keep]
     if ids.shape[1] == 0:
         raise KvcliError("document is empty after tokenization")
-    plan = make_scoring(scoring, template, tok, asked)
+    plan = make_scoring(scoring, template, tok, asked, header)
     engine = Engine(lm.model, meth, budget, chunk_size=chunk_size, backend=backend, scoring=plan)
     if not bool(torch.isfinite(engine.prefill(ids, on_chunk=on_progress)).all()):  # never an empty answer
         raise KvcliError(

@@ -113,6 +113,9 @@ class ReconStats(Collector):
     n_sink: int
     local: bool = True
     attends: bool = True
+    # The chunk's first ``header`` entries are the prompt template's header (the pass does not
+    # copy them, ``ReconPrompt.skip``): they get the largest score, 1, as sinks are kept.
+    header: int = 0
 
     def __post_init__(self) -> None:
         if self.attends and not self.local:
@@ -127,6 +130,14 @@ class ReconStats(Collector):
         sel = torch.cat([torch.arange(sinks), torch.arange(start, lk)]).to(device)
         return sel, start, slice(sinks, sinks + n_ctx - start)
 
+    def _raise(self, layer, best: torch.Tensor, at: int) -> None:
+        """Max-accumulate ``best`` (entries ``at ..``, ending with the chunk) into the layer."""
+        if self.header:
+            first = best.shape[-1] - self.n_chunk  # the chunk's first entry in ``best``
+            best = best.clone()
+            best[..., first : first + self.header] = 1.0
+        layer.raise_scores(best, at)
+
     def __call__(self, layer, query, key, q_pos, k_pos, bias, scaling) -> None:
         keys = _joined(key)
         lq, lk = query.shape[2], keys.shape[2]
@@ -136,7 +147,7 @@ class ReconStats(Collector):
             sel, at, chunk = torch.arange(lk, device=keys.device), 0, slice(0, lk - lq)
         sel_bias = None if bias is None else bias.index_select(-1, sel)
         best = max_attention(query, keys.index_select(2, sel), q_pos, k_pos.index_select(-1, sel), sel_bias, scaling)
-        layer.raise_scores(best[..., chunk], at)
+        self._raise(layer, best[..., chunk], at)
 
     def attend(self, layer, query, key, value, q_pos, k_pos, bias, scaling, pending=None) -> torch.Tensor:
         keys = _joined(key)
@@ -157,7 +168,7 @@ class ReconStats(Collector):
             if bias is not None:
                 b = torch.cat([bias.index_select(-1, sel), bias.new_zeros((*bias.shape[:2], n))], dim=-1)
         out, best = attend_max(query, k, v, q_pos, kp, b, scaling)
-        layer.raise_scores(best[..., chunk], at)
+        self._raise(layer, best[..., chunk], at)
         return out
 
 

@@ -10,7 +10,8 @@ statistics, after every prefill chunk and before it is compressed.
   adapted to on-the-fly compression: after each chunk, the model is asked to repeat it
   ("Repeat the previous context exactly." for the first chunk; "Repeat the part of the
   previous context exactly, starting with" + the previous chunk's last ``overlap`` tokens
-  for the others), the chunk's own tokens are teacher-forced after the prompt, and every
+  for the others), the chunk's own tokens are teacher-forced after the prompt (the document's
+  only: the prompt template's header before it is not copied, as in KVzip's code), and every
   entry of the chunk gets the largest attention probability any reconstruction query of its
   KV group pays it.  The pass is rolled back.  Its scored layers attend only over the sinks,
   the chunk and the pass itself (``local_pass``, the default), where KVzip's attends over the
@@ -48,10 +49,20 @@ class ReconPrompt:
     next_head: tuple[int, ...]
     next_tail: tuple[int, ...]
     overlap: int = defaults.RECON_OVERLAP
+    # The context's leading tokens that are the prompt template's header, not the document
+    # (Gemma's ``<bos>``; SmolLM2's system turn and ``<|im_start|>user``): the first chunk's
+    # copy starts after them, as KVzip's does (kvpress's KVzipPress skips the chat template's
+    # prefix).  Copied, a ``<bos>`` in the middle of the pass lowered the first chunk's scores
+    # against the later chunks' (docs/scoring.md).  Not copied, the header is not read by the
+    # pass either: its entries get the largest score instead (``ReconStats.header``), as
+    # KVzip's sinks do, since every prompt is read through it (left to compete, kvmerger
+    # merged SmolLM2's system turn away and lost needles: docs/scoring.md).
+    skip: int = 0
 
     def ids(self, context: torch.Tensor, start: int, end: int) -> torch.Tensor:
-        """``[1, n]``: the prompt, then tokens ``start:end`` of ``context`` (the chunk)."""
-        chunk = context[0, start:end].tolist()
+        """``[1, n]``: the prompt, then tokens ``start:end`` of ``context`` (the chunk), less
+        the template's header (``skip``) where the chunk holds it."""
+        chunk = context[0, max(start, min(self.skip, end)) : end].tolist()
         if start == 0:
             return torch.tensor([[*self.first, *chunk]], dtype=torch.long)
         tail = context[0, max(0, start - self.overlap) : start].tolist()
@@ -99,9 +110,10 @@ class Scoring:
         """The rolled-back forwards to run after chunk ``start:end`` of ``context``, each with
         the collector that records what it observes."""
         if self.recon is not None and "recon" in self.name:
+            header = max(0, min(self.recon.skip, end) - start)  # the chunk's template entries
             yield (
                 self.recon.ids(context, start, end),
-                ReconStats(n_chunk=end - start, n_sink=self.n_sink, attends=self.local_pass),
+                ReconStats(n_chunk=end - start, n_sink=self.n_sink, attends=self.local_pass, header=header),
             )
         if "question" in self.name:
             for i, q in enumerate(self.questions):
