@@ -180,8 +180,8 @@ def test_recon_prompt_ids():
     assert prompt.ids(ctx, 0, 4).tolist() == [[7, 8, 100, 101, 102, 103]]
     # a later chunk is introduced by the last `overlap` tokens before it
     assert prompt.ids(ctx, 10, 13).tolist() == [[9, 107, 108, 109, 5, 110, 111, 112]]
-    # the template's header (`skip` tokens) is not copied: the first chunk's copy starts after it
-    header = ReconPrompt(first=(7, 8), next_head=(9,), next_tail=(5,), overlap=3, skip=2)
+    # the template's header (`header` tokens) is not copied: the first chunk's copy starts after it
+    header = ReconPrompt(first=(7, 8), next_head=(9,), next_tail=(5,), overlap=3, header=2)
     assert header.ids(ctx, 0, 4).tolist() == [[7, 8, 102, 103]]
     assert header.ids(ctx, 0, 1).tolist() == [[7, 8]]  # a chunk inside the header: the prompt alone
     assert header.ids(ctx, 10, 13).tolist() == prompt.ids(ctx, 10, 13).tolist()
@@ -206,7 +206,7 @@ def test_prefill_reconstructs_the_document_not_the_template_header(monkeypatch):
 
 
 def test_scoring_marks_the_header_entries_of_the_chunks_that_hold_them():
-    scoring = Scoring(name="recon", recon=ReconPrompt(first=(7,), next_head=(8,), next_tail=(9,), overlap=2, skip=5))
+    scoring = Scoring(name="recon", recon=ReconPrompt(first=(7,), next_head=(8,), next_tail=(9,), overlap=2, header=5))
     ctx = torch.arange(100, 140).view(1, -1)
     headers = [collector.header for s, e in ((0, 4), (4, 8), (8, 16)) for _, collector in scoring.passes(ctx, s, e)]
     assert headers == [4, 1, 0]

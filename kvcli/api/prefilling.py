@@ -63,7 +63,7 @@ def make_scoring(name: str, template: Template, tokenizer, questions: Sequence[s
         return tokenizer.encode(text, add_special_tokens=False)
 
     first, next_head, next_tail = template.reconstruction()
-    recon = ReconPrompt(tuple(ids(first)), tuple(ids(next_head)), tuple(ids(next_tail)), skip=header)
+    recon = ReconPrompt(tuple(ids(first)), tuple(ids(next_head)), tuple(ids(next_tail)), header=header)
     asked = [ids(template.question(q)) for q in questions] if "question" in name else []
     return Scoring(name=name, questions=asked, recon=recon)
 

@@ -114,7 +114,7 @@ class ReconStats(Collector):
     local: bool = True
     attends: bool = True
     # The chunk's first ``header`` entries are the prompt template's header (the pass does not
-    # copy them, ``ReconPrompt.skip``): they get the largest score, 1, as sinks are kept.
+    # copy them, ``ReconPrompt.header``): they get the largest score, 1, as sinks are kept.
     header: int = 0
 
     def __post_init__(self) -> None:

@@ -57,12 +57,16 @@ class ReconPrompt:
     # pass either: its entries get the largest score instead (``ReconStats.header``), as
     # KVzip's sinks do, since every prompt is read through it (left to compete, kvmerger
     # merged SmolLM2's system turn away and lost needles: docs/scoring.md).
-    skip: int = 0
+    header: int = 0
+
+    def header_in(self, start: int, end: int) -> int:
+        """How many of chunk ``start:end``'s tokens belong to the template's header."""
+        return max(0, min(self.header, end) - start)
 
     def ids(self, context: torch.Tensor, start: int, end: int) -> torch.Tensor:
         """``[1, n]``: the prompt, then tokens ``start:end`` of ``context`` (the chunk), less
-        the template's header (``skip``) where the chunk holds it."""
-        chunk = context[0, max(start, min(self.skip, end)) : end].tolist()
+        the template's header where the chunk holds it."""
+        chunk = context[0, start + self.header_in(start, end) : end].tolist()
         if start == 0:
             return torch.tensor([[*self.first, *chunk]], dtype=torch.long)
         tail = context[0, max(0, start - self.overlap) : start].tolist()
@@ -110,10 +114,14 @@ class Scoring:
         """The rolled-back forwards to run after chunk ``start:end`` of ``context``, each with
         the collector that records what it observes."""
         if self.recon is not None and "recon" in self.name:
-            header = max(0, min(self.recon.skip, end) - start)  # the chunk's template entries
             yield (
                 self.recon.ids(context, start, end),
-                ReconStats(n_chunk=end - start, n_sink=self.n_sink, attends=self.local_pass, header=header),
+                ReconStats(
+                    n_chunk=end - start,
+                    n_sink=self.n_sink,
+                    attends=self.local_pass,
+                    header=self.recon.header_in(start, end),
+                ),
             )
         if "question" in self.name:
             for i, q in enumerate(self.questions):
