@@ -18,7 +18,7 @@ from kvcli.core.prompts import COMPLETION
 from kvcli.engine.engine import Engine
 from kvcli.engine.scoring import ReconPrompt, Scoring
 from kvcli.methods import make_method
-from kvcli.methods.allocation import global_targets
+from kvcli.methods.allocation import Ranked, global_targets
 
 from conftest import IdTokenizer, sharpen, tiny_gemma3, tiny_llama
 
@@ -388,6 +388,51 @@ def test_relative_share_ranks_scores_against_their_heads_mean():
     # a head whose scores are all zero neither divides by zero nor wins anything but its floor
     zero = global_targets([torch.zeros(1, 1, 40), copying], target=20, floor=2, allocation="relative")
     assert zero == [2, 38]
+
+
+def test_relative_divides_by_the_mean_of_all_a_head_has_ranked():
+    # Chunk after chunk a layer keeps its best entries, so the mean of what it holds rises;
+    # relative divides by the mean over every entry it ranked, evicted ones included.
+    scores = torch.full((1, 1, 40), 0.01)
+    scores[..., :5] = 1.0
+    scores[..., 5:10] = 0.8  # mean (5 + 4 + 0.3) / 40 = 0.2325
+    ranked = Ranked()
+    assert torch.allclose(ranked.means([7], [scores])[0], scores.mean(dim=-1, keepdim=True))
+    held = scores[..., :10]  # the 30 entries of 0.01 evicted
+    ranked.evicted(7, scores, held)
+    assert ranked.counts == {7: 30}
+    # the mean over all 40 ranked, not the held ones' (0.9)
+    assert ranked.means([7], [held])[0].item() == pytest.approx(0.2325)
+    assert ranked.means([3], [held])[0].item() == pytest.approx(0.9)  # another layer: no history
+    # The allocation divides by the means it is given.  Divided by the held mean, the layer's
+    # entries (1.11, 0.89) interleave with a flat layer's (1.09, 0.91) and it keeps 6 of 10;
+    # divided by the mean of all it ranked (4.3, 3.44) it keeps all 10.
+    flat = torch.full((1, 1, 10), 0.5)
+    flat[..., ::2] = 0.6
+    own = global_targets([held, flat], target=8, floor=1, allocation="relative")
+    given = global_targets(
+        [held, flat], target=8, floor=1, allocation="relative", means=ranked.means([7, 8], [held, flat])
+    )
+    assert own == [6, 10] and given == [10, 6]
+
+
+def test_relative_history_through_the_engine():
+    """The engine's compressions record what each layer evicted, for that cache only."""
+    model = sharpen(tiny_llama(2, layers=3))
+    tokens = torch.randint(3, 100, (1, 96))
+    eng = _engine(model, "snapkv", Budget(ratio=0.5, allocation="relative"), Scoring(name="recon", recon=RECON))
+    eng.prefill(tokens)
+    ranked = eng.method._ranked[eng.cache]
+    layers = eng.cache.growing_layers
+    assert sum(layer.length for layer in layers) == 3 * 48
+    # every token a layer has seen is either held or counted as evicted
+    assert {layer.layer_idx: layer.length + ranked.counts.get(layer.layer_idx, 0) for layer in layers} == {
+        layer.layer_idx: 96 for layer in layers
+    }
+    assert all(bool((ranked.sums[k] >= 0).all()) for k in ranked.sums)
+    other = _engine(model, "snapkv", Budget(ratio=0.5, allocation="heads"), Scoring(name="recon", recon=RECON))
+    other.prefill(tokens)
+    assert other.cache not in other.method._ranked  # heads: no history kept
 
 
 def test_global_allocation_through_the_engine():

@@ -23,6 +23,15 @@
 
 For ``global``, ``heads`` and ``relative`` every layer keeps at least ``floor`` entries (its
 sinks and protected window), and the total is exact: ``target x layers``.
+
+``relative`` divides by the mean over every entry the head has ranked, the evicted ones
+included (``Ranked``), not by the mean of what it still holds: after each chunk a layer
+keeps its best entries, so the mean of what it holds rises with every compression, most in
+a layer whose scores are mostly near zero with a few peaks (Gemma 3's last global layer),
+and that layer's entries shrank against the others' chunk after chunk.  Measured on Gemma
+3 at 8K and 0.35 (one prefill, snapkv with reconstruction): its three growing layers kept
+4,843 / 2,237 / 1,524 entries, where one ranking of the same scores over the whole document
+gives 2,962 / 2,362 / 3,280 (docs/scoring.md, "The relative allocation's mean").
 """
 
 from __future__ import annotations
@@ -33,10 +42,19 @@ if TYPE_CHECKING:
     import torch
 
 
-def global_targets(importance: list[torch.Tensor], target: int, floor: int, allocation: str = "global") -> list[int]:
+def global_targets(
+    importance: list[torch.Tensor],
+    target: int,
+    floor: int,
+    allocation: str = "global",
+    means: list[torch.Tensor] | None = None,
+) -> list[int]:
     """Entries each layer keeps under ``allocation`` (``global``, ``heads`` or ``relative``,
     as the module says): ``importance[l]`` is ``[B, H, n_l]`` (what the method ranks entries
-    by, comparable across layers); ``target`` is the per-layer budget."""
+    by, comparable across layers); ``target`` is the per-layer budget.  ``means[l]``
+    (``[B, H, 1]``, ``relative`` only) is what each head's scores are divided by; by default
+    the mean of the entries the layer holds (``Method.compress`` passes the mean over every
+    entry the head has ranked, evicted ones included: see ``relative_means``)."""
     import torch
 
     lengths = [int(imp.shape[-1]) for imp in importance]
@@ -45,10 +63,11 @@ def global_targets(importance: list[torch.Tensor], target: int, floor: int, allo
     if sum(lengths) <= total:
         return lengths
     ranked = []
-    for imp, n in zip(importance, lengths, strict=True):
+    for i, (imp, n) in enumerate(zip(importance, lengths, strict=True)):
         imp = imp.float().clone()
         if allocation == "relative":  # a head whose scores are all zero stays all zero
-            imp /= imp.mean(dim=-1, keepdim=True).clamp_min(torch.finfo(imp.dtype).tiny)
+            mean = imp.mean(dim=-1, keepdim=True) if means is None else means[i].float()
+            imp /= mean.clamp_min(torch.finfo(imp.dtype).tiny)
         # Each head's best ``floor`` entries win whatever their rank: every layer keeps its floor.
         imp.scatter_(-1, torch.topk(imp, min(floor, n), dim=-1).indices, float("inf"))
         ranked.append(imp.reshape(-1))
@@ -91,3 +110,32 @@ def _max_share(scores: torch.Tensor, lengths: list[int], heads: int, total: int)
     # by one; the largest w within ``total`` therefore reaches it (the caller returned early
     # when every entry fits).
     return [int(x) for x in keep_for(lo)]
+
+
+class Ranked:
+    """What each layer's heads have ranked and evicted, for ``relative``'s means: the sum of
+    the evicted entries' scores (``[B, H, 1]``, as ranked when they left) and their count.
+    One per cache (``Method.compress``); a context reloaded from a file starts empty, from
+    the entries it holds."""
+
+    def __init__(self) -> None:
+        self.sums: dict[int, torch.Tensor] = {}
+        self.counts: dict[int, int] = {}
+
+    def means(self, keys: list[int], importance: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Each head's mean score over the entries layer ``keys[l]`` holds and has evicted."""
+        out = []
+        for key, imp in zip(keys, importance, strict=True):
+            total = imp.float().sum(dim=-1, keepdim=True)
+            if key in self.sums:
+                total = total + self.sums[key]
+            out.append(total / (imp.shape[-1] + self.counts.get(key, 0)))
+        return out
+
+    def evicted(self, key: int, before: torch.Tensor, after: torch.Tensor) -> None:
+        """Layer ``key`` went from entries scored ``before`` to entries scored ``after``
+        (``[B, H, n]`` each): what left is added to its sums (merged entries count as evicted
+        less what their survivor now scores)."""
+        left = (before.float().sum(dim=-1, keepdim=True) - after.float().sum(dim=-1, keepdim=True)).clamp_min(0)
+        self.sums[key] = self.sums[key] + left if key in self.sums else left
+        self.counts[key] = self.counts.get(key, 0) + before.shape[-1] - after.shape[-1]

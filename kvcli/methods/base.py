@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import math
 import operator
+import weakref
 from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..core import defaults
 from ..core.budget import Budget
 from ..core.errors import KvcliError
-from .allocation import global_targets
+from .allocation import Ranked, global_targets
 
 if TYPE_CHECKING:  # annotations only: a method (and its option checks) imports without torch
     import torch
@@ -47,6 +48,8 @@ class Method:
     allocation: ClassVar[str] = "heads"
 
     n_sink: int = defaults.N_SINK
+    #: ``relative``'s history of evicted scores, one per cache the method compresses.
+    _ranked: weakref.WeakKeyDictionary = state(weakref.WeakKeyDictionary)
 
     def __post_init__(self) -> None:
         self.n_sink = integer(self, "n_sink", self.n_sink, minimum=0)
@@ -124,15 +127,22 @@ class Method:
         layers = cache.growing_layers
         if all(layer.length <= target for layer in layers):
             return  # within budget everywhere (always so at the full budget, which scores nothing)
+        ranked = None
         if budget.allocation != "uniform" and self.ranks_entries:
             importance = [self.importance(layer) for layer in layers]
             floor = min(target, self.protected_entries(target))
-            targets = global_targets(importance, target, floor, budget.allocation)
+            means = None
+            if budget.allocation == "relative":  # each head's mean over all it has ranked
+                ranked = self._ranked.setdefault(cache, Ranked())
+                means = ranked.means([layer.layer_idx for layer in layers], importance)
+            targets = global_targets(importance, target, floor, budget.allocation, means)
         else:
             targets = [target] * len(layers)
-        for layer, keep in zip(layers, targets, strict=True):
+        for i, (layer, keep) in enumerate(zip(layers, targets, strict=True)):
             if layer.length > keep:
                 self.compress_layer(layer, keep)
+                if ranked is not None:
+                    ranked.evicted(layer.layer_idx, importance[i], self.importance(layer))
 
     def compress_layer(self, layer: GrowingLayer, target: int) -> None:
         raise NotImplementedError
