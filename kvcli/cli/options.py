@@ -93,8 +93,8 @@ AllocationOpt = Annotated[
         help="How the growing layers share the budget: auto (the default: each method's measured best, relative "
         "for snapkv, heads for the other scored methods; docs/scoring.md), heads (entries of every layer and KV "
         "head ranked together, a layer keeping its neediest head's count), relative (the same, each score divided "
-        "by its head's mean score first), global (the same ranking, a layer keeping its heads' mean) or uniform "
-        "(each layer the same).",
+        "by the mean score of every entry its head has ranked, evicted ones included), global (the same "
+        "ranking, a layer keeping its heads' mean) or uniform (each layer the same).",
     ),
 ]
 NoAdapterOpt = Annotated[

@@ -17,8 +17,9 @@ class Budget:
     growing layer; ``allocation`` says how the layers share it (``kvcli.methods.allocation``):
     ``uniform`` (each layer that many), ``global`` (layers x that many, ranked across layers),
     ``heads`` (ranked across layers and KV heads), ``relative`` (as ``heads``, each score
-    divided by its head's mean first) or ``auto`` (the default, ``defaults.ALLOCATION``: the
-    method's own, ``Method.allocation``, which a run's budget names instead)."""
+    divided by the mean over every entry its head has ranked first) or ``auto`` (the default,
+    ``defaults.ALLOCATION``: the method's own, ``Method.allocation``, which a run's budget
+    names instead)."""
 
     ratio: float | None = None
     tokens: int | None = None
