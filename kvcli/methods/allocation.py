@@ -54,7 +54,7 @@ def global_targets(
     by, comparable across layers); ``target`` is the per-layer budget.  ``means[l]``
     (``[B, H, 1]``, ``relative`` only) is what each head's scores are divided by; by default
     the mean of the entries the layer holds (``Method.compress`` passes the mean over every
-    entry the head has ranked, evicted ones included: see ``relative_means``)."""
+    entry the head has ranked, evicted ones included: ``Ranked``)."""
     import torch
 
     lengths = [int(imp.shape[-1]) for imp in importance]
