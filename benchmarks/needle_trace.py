@@ -1,9 +1,9 @@
 """Where do a needle's tokens end up in a compressed cache?  A diagnostic, not a test.
 
-For single-needle tasks (the eval suite's generator), prefill with a method and print,
-for every growing layer, the cache entries around the needle's value: each entry's
-logical position and how many tokens it stands for (``count`` > 1 = merged), then the
-model's answer.
+For the eval suite's needle tasks (single needles, or with ``--task niah_multikey`` the
+queried key's value), prefill with a method and print, for every growing layer, the cache
+entries around the needle's value: each entry's logical position and how many tokens it
+stands for (``count`` > 1 = merged), then the model's answer.
 
     python benchmarks/needle_trace.py --method kvmerger --budget 0.5
     python benchmarks/needle_trace.py --method kvmerger --budget 0.5 -o fallback=evict
@@ -28,6 +28,7 @@ from kvcli.cli.options import parse_options
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--method", default="kvmerger")
+    ap.add_argument("--task", default="niah_single", help="niah_single or niah_multikey (the queried key's value)")
     ap.add_argument("--budget", default="0.5")
     ap.add_argument("--length", type=int, default=4096)
     ap.add_argument("--samples", type=int, default=4)
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         depths = [float(d) for d in args.depths.split(",")]
     else:
         depths = [round((i + 0.5) / args.samples, 3) for i in range(args.samples)]
-    items = runner.synthetic_items(tok, ["niah_single"], [args.length], args.samples, args.seed, depths)
+    items = runner.synthetic_items(tok, [args.task], [args.length], args.samples, args.seed, depths)
     if args.only:
         only = [float(d) for d in args.only.split(",")]
         items = [it for it in items if any(abs(it.depth - d) < 1e-9 for d in only)]
