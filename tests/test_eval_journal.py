@@ -114,6 +114,19 @@ def test_a_run_cut_off_resumes_where_it_stopped(tiny_lm, items, tmp_path):
     assert len(path.read_text().splitlines()) == 4
 
 
+def test_journal_lines_name_the_options_that_ran(tiny_lm, items, tmp_path):
+    """Two runs of one method with different -o options in one --out: the rows alone are
+    alike (method, budget, scoring), so each line names its options; none without -o."""
+    with Journal(tmp_path) as journal:
+        _run(tiny_lm, items, _settings(["snapkv"]), journal)
+        _run(tiny_lm, items, _settings(["snapkv"], method_options={"kernel": 3}), journal)
+    lines = [json.loads(line) for line in (tmp_path / "journal.jsonl").read_text().splitlines()]
+    snap = [line for line in lines if line["label"] != "full"]
+    assert len(snap) == 4 and len(lines) == 6  # the second run reused the full cache's lines
+    assert [line.get("options") for line in snap] == [None, None, {"kernel": 3}, {"kernel": 3}]
+    assert all("options" not in line for line in lines if line["label"] == "full")
+
+
 def test_keys_change_with_what_changes_the_answers(tiny_lm, items, monkeypatch):
     base = step_keys(tiny_lm, items, _settings(["snapkv"]))
     assert len(set(base)) == 4  # every prefill its own key

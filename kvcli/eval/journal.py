@@ -6,6 +6,9 @@ only, one writer) gets one line per prefill as soon as its questions are answere
 
     {"kind": "prefill", "key": "...", "label": "snapkv/recon@0.5", "rows": [...]}
 
+with ``"options": {...}`` after the label when the method ran with ``-o`` options (the rows
+do not carry them, and one ``--out`` may hold runs of one method with different options).
+
 A run looks up each of its prefills there first and takes the rows of one with the same
 key instead of running it again, so a run that was cut off resumes where it stopped, and a
 later run with other methods in the same ``--out`` reuses the full cache's rows.
@@ -147,6 +150,9 @@ class Journal:
     def get(self, key: str) -> list[EvalRow] | None:
         return self._done.get(key)
 
-    def add(self, key: str, label: str, rows: Sequence[EvalRow]) -> None:
-        self._writer.write({"kind": "prefill", "key": key, "label": label, "rows": [r.as_dict() for r in rows]})
+    def add(self, key: str, label: str, rows: Sequence[EvalRow], options: dict[str, Any] | None = None) -> None:
+        line: dict[str, Any] = {"kind": "prefill", "key": key, "label": label}
+        if options:
+            line["options"] = dict(options)
+        self._writer.write({**line, "rows": [r.as_dict() for r in rows]})
         self._done[key] = list(rows)

@@ -401,7 +401,7 @@ def run_eval(
             )
         del ctx
         if journal is not None:
-            journal.add(key, _label(run), new_rows)
+            journal.add(key, _label(run), new_rows, per.get(method))
         rows += new_rows
         done += 1
     if on_step is not None:
