@@ -12,7 +12,7 @@ import torch
 from kvcli import api
 from kvcli.core import kvcfile
 from kvcli.core.errors import KvcliError
-from kvcli.methods import method_names
+from kvcli.methods import Method, method_names
 
 from conftest import IdTokenizer, sharpen, tiny_gemma3, tiny_llama
 
@@ -251,3 +251,50 @@ def test_a_file_written_before_snapkv_had_pool_reads_as_avg(lms, tmp_path):
     prefill(lms["llama-gqa"], method="pod+snapkv").save(inner)
     _rewrite_header(inner, lambda h: [h["method_options"]["inner"].pop(k) for k in ("pool", "ahead")])
     assert api.load_context(lms["llama-gqa"], inner).engine.method.inner.pool == "avg"
+
+
+def _kept(ctx) -> list[torch.Tensor]:
+    return [layer.key_positions() for layer in ctx.engine.cache.growing_layers]
+
+
+def test_a_reloaded_context_goes_on_with_relatives_history(lms, tmp_path, monkeypatch):
+    """snapkv's ``relative`` divides each head's scores by their mean over every entry it has
+    ranked, evicted ones included: the file keeps what was evicted, so appending to the
+    reloaded context keeps exactly what appending to the one in memory keeps; dropping the
+    history (a file written before it was kept) keeps other entries here."""
+    lm = lms["llama-gqa"]
+    more = "".join(chr(40 + i * 7 % 50) for i in range(4 * CHUNK))
+    live = prefill(lm, "snapkv", n=3 * CHUNK)
+    history = live.engine.method.ranked_history(live.engine.cache)
+    assert str(live.engine.budget).endswith(":relative") and history is not None and all(history.counts.values())
+    live.save(tmp_path / "doc.kvc")
+    loaded = api.load_context(lm, tmp_path / "doc.kvc")
+    again = loaded.engine.method.ranked_history(loaded.engine.cache)
+    assert again is not None and again.counts == history.counts
+    assert all(torch.equal(again.sums[k], history.sums[k]) for k in history.sums)
+    monkeypatch.setattr(Method, "resume_ranked", lambda self, cache, ranked: None)
+    fresh = api.load_context(lm, tmp_path / "doc.kvc")
+    assert fresh.engine.method.ranked_history(fresh.engine.cache) is None
+    for ctx in (live, loaded, fresh):
+        api.append_document(ctx, more)
+    assert all(torch.equal(a, b) for a, b in zip(_kept(live), _kept(loaded), strict=True))
+    assert greedy(loaded) == greedy(live)
+    assert not all(torch.equal(a, b) for a, b in zip(_kept(live), _kept(fresh), strict=True))
+
+
+def test_a_history_that_does_not_fit_is_a_one_line_error(lms, tmp_path):
+    path = tmp_path / "doc.kvc"
+    prefill(lms["llama-gqa"], "snapkv", n=3 * CHUNK).save(path)
+    header = kvcfile.read(path)[0].header
+    growing = api.load_context(lms["llama-gqa"], path).engine.cache.growing_layers
+    assert set(header["ranked"]) == {str(layer.layer_idx) for layer in growing}
+    for change, why in (
+        (lambda h: h.update(ranked={"x": 1}), "must map layers to counts"),
+        (lambda h: h.update(ranked={**h["ranked"], "7": 3}), "does not match its tensors"),
+        (lambda h: h.pop("ranked"), "does not match its tensors"),
+    ):
+        bad = tmp_path / "bad.kvc"
+        bad.write_bytes(path.read_bytes())
+        _rewrite_header(bad, change)
+        with pytest.raises(KvcliError, match=why):
+            api.load_context(lms["llama-gqa"], bad)

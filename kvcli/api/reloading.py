@@ -1,10 +1,10 @@
 """A saved context (``.kvc``) back in memory, and a context continued with more text.
 
 ``load_context`` rebuilds what a prefill leaves behind: the engine with the same method
-(options and state), budget, scoring and chunk size, the cache's tensors, and the logits
-decoding starts from, so answers are token-identical to those the context gave before it
-was saved.  ``append_document`` prefills more text after a context, at the next logical
-positions and under the same budget (``kvcli compress more.txt --append doc.kvc``).
+(options and state, ``relative``'s history included), budget, scoring and chunk size, the
+cache's tensors, and the logits decoding starts from, so answers are token-identical to
+those the context gave before it was saved.  ``append_document`` prefills more text after a
+context, at the next logical positions and under the same budget (``kvcli compress more.txt --append doc.kvc``).
 """
 
 from __future__ import annotations
@@ -55,11 +55,15 @@ def context_from(lm: LoadedModel, saved: kvcfile.SavedFile, data: bytes, backend
         tensors = load(data)
     except Exception as exc:  # the safetensors reader's own errors (checked above, so a rare case)
         raise KvcliError(f"{saved.name}: not a usable kvcli context file ({type(exc).__name__})") from None
+    ranked = header.ranked_from(saved, tensors, lm.device)
     logits = tensors.pop(header.LOGITS, None)
     vocab = lm.model.get_output_embeddings().weight.shape[0]
     if logits is None or logits.dim() != 1 or logits.shape[0] != vocab or not logits.is_floating_point():
         raise KvcliError(f"{saved.name}: does not fit this model (no logits over its {vocab}-token vocabulary)")
     restore_cache(engine.cache, tensors, h["layers"], h["context_tokens"], lm.dtype, lm.device, saved.name)
+    if ranked is not None:
+        header.check_ranked(saved, ranked, engine.cache.growing_layers)
+        method.resume_ranked(engine.cache, ranked)
     engine.resume(logits.to(lm.device), stats)
     return Context(
         lm=lm,

@@ -3,8 +3,9 @@
 The container and its checksum are ``kvcli.core.kvcfile``; the cache's tensors are
 ``kvcli.cache.serialize``.  This module writes the header (format version, kvcli version,
 the model's fingerprint, dtype, method and options, budget, scoring, template, tokens,
-sources) and reads it back into the objects a context is rebuilt from: the method (PoD with
-the blocks it chose), the budget, the template, the prefill's measured figures.  Loading
+sources, and for a ``relative`` budget what each layer has evicted so far) and reads it back
+into the objects a context is rebuilt from: the method (PoD with the blocks it chose), the
+budget, the template, the prefill's measured figures, the allocation's history.  Loading
 itself (``load_context``) is ``kvcli.api.reloading``.
 """
 
@@ -31,11 +32,13 @@ from ..engine.models import LoadedModel
 from ..engine.models.fingerprint import fingerprint
 from ..engine.scoring import SCORINGS
 from ..methods import Method, make_method
+from ..methods.allocation import Ranked
 
 if TYPE_CHECKING:
     from .context import Context
 
 LOGITS = "engine.last_logits"  # where decoding starts: the logits after the last context token
+RANKED = "ranked"  # ``relative``'s history: tensors ``ranked.{layer}.sums``, header ``ranked`` {layer: count}
 PREFILL_FIELDS = (
     "tokens",
     "seconds",
@@ -61,11 +64,24 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def build_header(ctx: Context, layers: list[dict[str, Any]]) -> dict[str, Any]:
+def ranked_state(ctx: Context) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """What ``relative`` has evicted so far, per layer: the sums of the evicted scores as
+    tensors and their counts for the header (both empty when nothing was ranked)."""
+    ranked = ctx.engine.method.ranked_history(ctx.engine.cache)
+    if ranked is None:
+        return {}, {}
+    tensors = {
+        f"{RANKED}.{key}.sums": sums.detach().to("cpu", torch.float32).contiguous() for key, sums in ranked.sums.items()
+    }
+    return tensors, {str(key): int(n) for key, n in ranked.counts.items()}
+
+
+def build_header(ctx: Context, layers: list[dict[str, Any]], ranked: dict[str, int] | None = None) -> dict[str, Any]:
     """kvcli's header for ``ctx`` (without the checksum, which covers the tensors too)."""
     engine, lm = ctx.engine, ctx.lm
     rep = engine.cache.report(lm.dtype)
     stats = engine.stats
+    extra = {RANKED: ranked} if ranked else {}
     return {
         "format": kvcfile.FORMAT,
         "format_version": kvcfile.FORMAT_VERSION,
@@ -87,6 +103,7 @@ def build_header(ctx: Context, layers: list[dict[str, Any]]) -> dict[str, Any]:
         "prefill": {name: getattr(stats, name) for name in PREFILL_FIELDS},
         "kv_bytes": rep.kv_bytes,
         "kv_bytes_full": rep.kv_bytes_full,
+        **extra,
     }
 
 
@@ -103,7 +120,9 @@ def save_context(ctx: Context, path: str | os.PathLike, force: bool = False) -> 
         ctx.sources = [{"name": "unknown", "sha256": "", "tokens": ctx.context_tokens}]
     tensors, layers = cache_state(ctx.engine.cache)
     tensors[LOGITS] = ctx.engine.context_logits().detach().to("cpu").contiguous()
-    header = build_header(ctx, layers)
+    ranked_tensors, ranked = ranked_state(ctx)
+    tensors.update(ranked_tensors)
+    header = build_header(ctx, layers, ranked)
     try:
         text = json.dumps(header, allow_nan=False)
     except (TypeError, ValueError) as exc:  # a method option that JSON cannot hold: a bug, said plainly
@@ -182,6 +201,39 @@ def restore_method_state(method: Method, saved: kvcfile.SavedFile) -> None:
     source = saved.header["method_options"].get("blocks_source")
     if hasattr(method, "blocks_source") and isinstance(source, str):
         method.blocks_source = source
+
+
+def ranked_from(saved: kvcfile.SavedFile, tensors: dict[str, torch.Tensor], device: torch.device) -> Ranked | None:
+    """``relative``'s history as saved, its tensors taken out of ``tensors`` (None for a file
+    without one: written before it was kept, or nothing evicted yet; it starts from what it holds)."""
+    counts = saved.header.get(RANKED)
+    names = {name for name in tensors if name.startswith(RANKED + ".")}
+    if counts is None and not names:
+        return None
+    counts = {} if counts is None else counts
+    if not isinstance(counts, dict) or not all(
+        isinstance(k, str) and k.isdigit() and isinstance(n, int) and not isinstance(n, bool) and n >= 0
+        for k, n in counts.items()
+    ):
+        raise _bad(saved.name, f"header field {RANKED!r} must map layers to counts")
+    if names != {f"{RANKED}.{key}.sums" for key in counts}:
+        raise _bad(saved.name, "the allocation's history does not match its tensors")
+    ranked = Ranked()
+    for key, n in counts.items():
+        sums = tensors.pop(f"{RANKED}.{key}.sums")
+        if sums.dim() != 3 or sums.shape[-1] != 1 or not sums.is_floating_point():
+            raise _bad(saved.name, f"the allocation's history of layer {key} has the wrong shape")
+        ranked.sums[int(key)] = sums.to(device)
+        ranked.counts[int(key)] = n
+    return ranked
+
+
+def check_ranked(saved: kvcfile.SavedFile, ranked: Ranked, layers: list[Any]) -> None:
+    """Every layer in the history is a growing layer of the restored cache, with its heads."""
+    heads = {layer.layer_idx: tuple(layer.require("values").shape[:2]) for layer in layers}
+    for key, sums in ranked.sums.items():
+        if heads.get(key) != tuple(sums.shape[:2]):
+            raise _bad(saved.name, f"the allocation's history names layer {key}, which does not fit the cache")
 
 
 def budget_from(saved: kvcfile.SavedFile) -> Budget:

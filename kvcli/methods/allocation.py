@@ -115,8 +115,8 @@ def _max_share(scores: torch.Tensor, lengths: list[int], heads: int, total: int)
 class Ranked:
     """What each layer's heads have ranked and evicted, for ``relative``'s means: the sum of
     the evicted entries' scores (``[B, H, 1]``, as ranked when they left) and their count.
-    One per cache (``Method.compress``); a context reloaded from a file starts empty, from
-    the entries it holds."""
+    One per cache (``Method.compress``); a saved context keeps it (``kvcli.api.saved``), so
+    a reloaded one goes on with the same means."""
 
     def __init__(self) -> None:
         self.sums: dict[int, torch.Tensor] = {}

@@ -144,6 +144,14 @@ class Method:
                 if ranked is not None:
                     ranked.evicted(layer.layer_idx, importance[i], self.importance(layer))
 
+    def ranked_history(self, cache: KVCache) -> Ranked | None:
+        """``relative``'s history for ``cache`` (None before its first ranked compression)."""
+        return self._ranked.get(cache)
+
+    def resume_ranked(self, cache: KVCache, ranked: Ranked) -> None:
+        """Go on from ``ranked`` for ``cache`` (a context reloaded from a file)."""
+        self._ranked[cache] = ranked
+
     def compress_layer(self, layer: GrowingLayer, target: int) -> None:
         raise NotImplementedError
 
