@@ -4,7 +4,8 @@
 (options and state, ``relative``'s history included), budget, scoring and chunk size, the
 cache's tensors, and the logits decoding starts from, so answers are token-identical to
 those the context gave before it was saved.  ``append_document`` prefills more text after a
-context, at the next logical positions and under the same budget (``kvcli compress more.txt --append doc.kvc``).
+context, at the next logical positions and under the same budget (``kvcli compress more.txt
+--append doc.kvc``).
 """
 
 from __future__ import annotations

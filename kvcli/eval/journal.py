@@ -154,5 +154,6 @@ class Journal:
         line: dict[str, Any] = {"kind": "prefill", "key": key, "label": label}
         if options:
             line["options"] = dict(options)
-        self._writer.write({**line, "rows": [r.as_dict() for r in rows]})
+        line["rows"] = [r.as_dict() for r in rows]
+        self._writer.write(line)
         self._done[key] = list(rows)
