@@ -14,6 +14,11 @@ from conftest import IdTokenizer, sharpen, tiny_gemma3, tiny_llama
 
 # Token-budget methods; plain ``pod`` keeps every token (its saving is structural: tests in test_pod.py).
 COMPRESSING = [m for m in method_names() if m not in ("full", "pod")]
+# Variants whose layout differs from their method's default: name -> (method, options).
+VARIANTS = {
+    "kvmerger:sets=kept": ("kvmerger", {"sets": "kept"}),
+    "pod+kvmerger:sets=kept": ("pod+kvmerger", {"kvmerger.sets": "kept"}),
+}
 
 
 def tensor_bytes(cache) -> int:
@@ -28,7 +33,7 @@ def tensor_bytes(cache) -> int:
 
 
 @pytest.mark.parametrize("shape", ["gqa", "mqa", "gemma3"])
-@pytest.mark.parametrize("method", COMPRESSING)
+@pytest.mark.parametrize("method", COMPRESSING + list(VARIANTS))
 @pytest.mark.parametrize("budget", ["40:uniform", "0.5:uniform", "40:heads", "0.5:heads"])
 def test_cache_bounded_by_budget_plus_chunk(shape, method, budget):
     model = {"gqa": lambda: tiny_llama(2), "mqa": lambda: tiny_llama(1), "gemma3": tiny_gemma3}[shape]()
@@ -38,7 +43,8 @@ def test_cache_bounded_by_budget_plus_chunk(shape, method, budget):
     checks = []
     from kvcli.methods import make_method
 
-    meth = make_method(method)
+    name, options = VARIANTS.get(method, (method, {}))
+    meth = make_method(name, **options)
     original = meth.compress
 
     floor = meth.n_sink + 1 if method.startswith("pod+") else 0  # PoD's sinks are never merged

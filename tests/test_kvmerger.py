@@ -171,3 +171,70 @@ def test_invalid_options_are_clear_errors():
     ):
         with pytest.raises(KvcliError):
             make_method("kvmerger", **bad)
+
+
+# ---- sets="kept": the best-scored entries survive, their similar neighbours merge into them ----
+
+
+def test_kept_sets_survivors_are_the_best_scored_and_chained_neighbours_join_them():
+    # runs of alike keys: 0-2, 3, 4-7, 8, 9-11; peaks at 1, 7 and 11
+    runs = [0, 0, 0, 1, 2, 2, 2, 2, 3, 4, 4, 4]
+    keys = torch.stack([3 * direction(i) for i in runs]).unsqueeze(0).unsqueeze(0)
+    scores = torch.tensor([[0.1, 0.9, 0.1, 0.2, 0.1, 0.1, 0.1, 0.8, 0.05, 0.1, 0.1, 0.7]])
+    members, set_ids, pivots = merger(sets="kept").kept_sets(keys, scores, target=3)
+    # 3 and 8 are alike to no survivor's run: evicted; the others join their run's survivor
+    assert members.tolist() == [True] * 3 + [False] + [True] * 4 + [False] + [True] * 3
+    assert set_ids.tolist() == [0, 0, 0, 1, 1, 1, 1, 2, 2, 2]
+    assert members.nonzero().flatten()[pivots].tolist() == [1, 7, 11]
+
+
+def test_kept_sets_split_a_run_between_two_survivors_at_its_middle():
+    keys = (3 * direction(0)).expand(1, 1, 9, 8).clone()  # one run of alike keys
+    scores = torch.zeros(1, 9)
+    scores[0, 1] = scores[0, 7] = 1.0
+    _, set_ids, _ = merger(sets="kept").kept_sets(keys, scores, target=2)
+    # 0-4 are nearer 1 (4 is as near to both and stays with the left), 5-8 nearer 7
+    assert set_ids.tolist() == [0] * 5 + [1] * 4
+
+
+def test_kept_sets_compress_to_exactly_the_target_with_summed_counts_and_scores():
+    runs = [0, 0, 0, 1, 2, 2, 2, 2, 3, 4, 4, 4]
+    keys = torch.stack([3 * direction(i) for i in runs]).unsqueeze(0)
+    keys = keys + 0.05 * torch.randn_like(keys)
+    scores = torch.tensor([[0.1, 0.9, 0.1, 0.2, 0.1, 0.1, 0.1, 0.8, 0.05, 0.1, 0.1, 0.7]])
+    layer = make_layer(keys, scores=scores)
+    values = layer.values[0, 0, :12].clone()
+    merger(sets="kept", sigma=1.0).compress_layer(layer, 3)
+    assert layer.length == 3 and layer.keys.shape[2] == 3 and layer.values.shape[2] == 3
+    assert layer.key_positions()[0, 0].tolist() == [1, 7, 11]
+    assert layer.entry_counts()[0, 0].tolist() == [3.0, 4.0, 3.0]
+    assert torch.allclose(layer.scores[0, 0], torch.tensor([0.9, 0.8, 0.7]))  # a set scores as its best member
+    # the survivor's value is the Gaussian-weighted mean of its set (evicted 3 and 8 take no part)
+    k = keys[0]
+    for s, (lo, hi, piv) in enumerate([(0, 3, 1), (4, 8, 7), (9, 12, 11)]):
+        g = torch.exp(-(k[lo:hi] - k[piv]).square().sum(-1) / 2.0)
+        want = (g.unsqueeze(-1) * values[lo:hi]).sum(0) / g.sum()
+        assert torch.allclose(layer.values[0, 0, s], want, atol=1e-5)
+
+
+def test_kept_sets_without_alike_neighbours_keep_what_snapkv_keeps():
+    """An independent reference: with no pair alike enough to merge (threshold 1), one KV head,
+    the same pool and as many recent entries, the survivors are snapkv's, bit for bit."""
+    torch.manual_seed(0)
+    n, target = 40, 12
+    keys, values = torch.randn(1, n, 8), torch.randn(1, n, 8)
+    scores = torch.rand(1, n)
+    a = make_layer(keys, values, scores)
+    b = make_layer(keys, values, scores)
+    a.obs = b.obs = scores.unsqueeze(0).clone()  # snapkv ranks the observation window's attention
+    merger(sets="kept", threshold=1.0, recent=0.25, kernel=5, ahead=2, n_sink=2).compress_layer(a, target)
+    make_method("snapkv", window=3, kernel=5, ahead=2, n_sink=2).compress_layer(b, target)
+    assert a.key_positions().tolist() == b.key_positions().tolist()
+    assert torch.equal(a.values[:, :, : a.length], b.values[:, :, : b.length])
+    assert torch.equal(a.keys[:, :, : a.length], b.keys[:, :, : b.length])
+    assert a.entry_counts().eq(1).all()
+
+
+def test_sets_is_a_checked_option():
+    with pytest.raises(KvcliError, match="sets"):
+        make_method("kvmerger", sets="nearby")

@@ -30,6 +30,18 @@ Choices where the paper is unclear (written down, measured in the README):
   mean and adds ``log(count)`` to the entry's logit, so exp(q.k + log n) stands for n similar
   keys; ``"scale"`` is the paper's value x |S|.  ``bias`` measured better (README table).
 * sigma = 5 as the paper reports.
+* ``sets="kept"`` (an option): the paper picks a merging set's pivot as its most attended
+  member, but forms the sets from key similarity alone, so how many entries a set holds, and
+  so which entries survive, follows the keys, not what the model reads.  With ``kept`` the
+  survivors are chosen first, as snapkv chooses them (the budget's best entries by the
+  scores max-pooled over ``kernel`` neighbours and ``ahead`` more, with sinks and the recent
+  window); each is the pivot of its set, and the set holds the evicted neighbours chained to
+  it by similar adjacent keys (cosine above ``threshold``, as the sets above; a run between
+  two survivors chained to both splits at its middle).  Evicted entries chained to no
+  survivor are dropped.  A set scores as its best member (the default sums, as a set is
+  attended as its members were; here the survivors are re-ranked at the next chunk as snapkv
+  re-ranks them, and a long run of alike filler must not outrank a needle by its length).
+  The layout stays per layer (scores summed over KV heads), so PoD can combine with it.
 """
 
 from __future__ import annotations
@@ -38,7 +50,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 from ..core.errors import KvcliError
-from .base import Method, choice, fraction, integer, number, odd_width, pool_scores
+from .base import Method, choice, fraction, integer, keep_top, number, odd_width, pool_scores
 
 if TYPE_CHECKING:  # torch and the kernels load when a layer is compressed, not when options are checked
     import torch
@@ -58,7 +70,9 @@ class KVMerger(Method):
     value_mode: str = "bias"  # "bias" (log-count logit bias) or "scale" (the paper's value x |S|)
     fallback: str = "merge"  # too few similar pairs: "merge" the most similar anyway, "score":
     # merge the least-attended pairs, or "evict"
-    kernel: int = 1  # heavy hitters rank by scores max-pooled over this many neighbours (odd)
+    sets: str = "similar"  # "similar": runs of similar neighbours; "kept": the best-scored entries
+    # are the pivots, their similar neighbours merge into them, the rest are evicted
+    kernel: int = 1  # heavy hitters (sets=kept: survivors) rank by scores max-pooled over this many neighbours (odd)
     ahead: int = 0  # ... and this many more entries to the right (as snapkv's pool)
 
     def __post_init__(self) -> None:
@@ -74,6 +88,7 @@ class KVMerger(Method):
             )
         self.value_mode = choice(self, "value_mode", self.value_mode, ("bias", "scale"))
         self.fallback = choice(self, "fallback", self.fallback, ("merge", "score", "evict"))
+        self.sets = choice(self, "sets", self.sets, ("similar", "kept"))
         self.kernel = odd_width(self, "kernel", self.kernel)
         self.ahead = integer(self, "ahead", self.ahead, minimum=0)
 
@@ -166,7 +181,37 @@ class KVMerger(Method):
         )
 
     def importance(self, layer: GrowingLayer) -> torch.Tensor:
-        return layer.require("scores")
+        scores = layer.require("scores")
+        return self.ranking(scores) if self.sets == "kept" else scores
+
+    def kept_sets(
+        self, keys: torch.Tensor, scores: torch.Tensor, target: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``sets="kept"``, batch 1: ``members`` ``[n]`` bool (the entries that stay, as
+        survivors or merged into one), ``set_ids`` ``[m]`` (each member's set, numbered in
+        order, one per survivor; contiguous) and ``pivots`` ``[target]`` (each set's survivor,
+        as an index among the members).  ``keys`` ``[1, H, n, D]``, ``scores`` ``[1, n]``."""
+        import torch
+
+        from ..attention.backends import adjacent_similarity
+
+        n = scores.shape[1]
+        n_recent = int(round(self.recent * target))
+        keep = keep_top(self.ranking(scores).unsqueeze(1), target, self.n_sink, n_recent)[0, 0]
+        kept = torch.zeros(n, dtype=torch.bool, device=scores.device)
+        kept[keep] = True
+        pos = torch.arange(n, device=scores.device)
+        similar = adjacent_similarity(keys).mean(1)[0] > self.threshold  # [n-1]: i and i+1 alike
+        run = torch.cat([pos.new_zeros(1), torch.cumsum(~similar, 0)])  # same run: chained by similar pairs
+        before = torch.cummax(torch.where(kept, pos, -1), 0).values  # nearest survivor at or before
+        after = torch.flip(torch.cummin(torch.flip(torch.where(kept, pos, n), [0]), 0).values, [0])
+        left = (before >= 0) & (run == run[before.clamp(min=0)])
+        right = (after < n) & (run == run[after.clamp(max=n - 1)])
+        to_right = right & (~left | (after - pos < pos - before))
+        members = kept | left | right
+        pivot = torch.where(to_right, after, before)[members]  # each member's survivor (itself if kept)
+        rank = torch.cumsum(kept.long(), 0) - 1  # a survivor's set number
+        return members, rank[pivot], kept[members].nonzero().flatten()
 
     def protected_entries(self, target: int) -> int:
         return self.n_sink + round(self.recent * target)
@@ -182,6 +227,9 @@ class KVMerger(Method):
             raise KvcliError("kvmerger supports batch size 1 (one document at a time)")
         head_scores = layer.require("scores")
         scores = head_scores.sum(1)  # [B, n]: attention received, summed over KV heads
+        if self.sets == "kept":
+            self.merge_into_kept(layer, scores, target)
+            return
         prot = self.protected(scores, target)
         ranked = self.ranking(scores) if self.fallback == "score" else None  # only that fallback reads it
         set_ids = self.merging_sets(keys, prot, n - target, ranked)
@@ -231,3 +279,38 @@ class KVMerger(Method):
                     t.gather(2, kh.unsqueeze(-1).expand(*kh.shape, t.shape[-1])) if t.dim() == 4 else t.gather(2, kh)
                 )
         layer.assign(**new)
+
+    def merge_into_kept(self, layer: GrowingLayer, scores: torch.Tensor, target: int) -> None:
+        """``sets="kept"``: ``target`` survivors, each merged with the neighbours chained to it."""
+        from ..attention.backends import merge_sets
+
+        keys, values = layer.require("keys"), layer.require("values")
+        b, h, n, d = keys.shape
+        members, set_ids, pivots = self.kept_sets(keys, scores, target)
+        m, s = int(set_ids.numel()), int(pivots.numel())
+        mk, mv, mc = merge_sets(
+            keys[0][:, members],
+            values[0][:, members],
+            layer.entry_counts()[0][:, members],
+            set_ids.expand(h, m),
+            pivots.expand(h, s),
+            self.sigma,
+            self.value_mode,
+            count_weighted=self.value_mode == "bias",
+        )
+        survivors = members.nonzero().flatten()[pivots]  # [s]: each set's survivor in the layer
+
+        def set_max(x: torch.Tensor | None) -> torch.Tensor | None:  # a set scores as its best member
+            if x is None:
+                return None
+            idx = set_ids.expand(b, h, m)
+            return x.new_zeros((b, h, s)).scatter_reduce(2, idx, x[:, :, members], "amax", include_self=False)
+
+        layer.assign(
+            keys=mk.unsqueeze(0),
+            values=mv.unsqueeze(0),
+            positions=layer.key_positions()[:, :, survivors],
+            counts=mc.unsqueeze(0).float(),
+            scores=set_max(layer.require("scores")),
+            obs=set_max(layer.valid("obs")),
+        )
