@@ -188,6 +188,19 @@ def test_kept_sets_survivors_are_the_best_scored_and_chained_neighbours_join_the
     assert members.nonzero().flatten()[pivots].tolist() == [1, 7, 11]
 
 
+def test_kept_sets_hold_neighbours_alike_to_the_survivor_not_a_drifting_chain():
+    # keys turn by 0.3 rad a step: each is alike to the next (cos 0.96) but only the two
+    # nearest are alike to the survivor at 0 (cos 0.96, 0.83; the third 0.62 < 0.75)
+    angles = 0.3 * torch.arange(8.0)
+    keys = torch.zeros(1, 1, 8, 8)
+    keys[0, 0, :, 0], keys[0, 0, :, 1] = angles.cos(), angles.sin()
+    scores = torch.zeros(1, 8)
+    scores[0, 0] = 1.0
+    members, set_ids, _ = merger(sets="kept").kept_sets(keys, scores, target=1)
+    assert members.tolist() == [True, True, True] + [False] * 5
+    assert set_ids.tolist() == [0, 0, 0]
+
+
 def test_kept_sets_split_a_run_between_two_survivors_at_its_middle():
     keys = (3 * direction(0)).expand(1, 1, 9, 8).clone()  # one run of alike keys
     scores = torch.zeros(1, 9)

@@ -35,9 +35,9 @@ Choices where the paper is unclear (written down, measured in the README):
   so which entries survive, follows the keys, not what the model reads.  With ``kept`` the
   survivors are chosen first, as snapkv chooses them (the budget's best entries by the
   scores max-pooled over ``kernel`` neighbours and ``ahead`` more, with sinks and the recent
-  window); each is the pivot of its set, and the set holds the evicted neighbours chained to
-  it by similar adjacent keys (cosine above ``threshold``, as the sets above; a run between
-  two survivors chained to both splits at its middle).  Evicted entries chained to no
+  window); each is the pivot of its set, and the set holds the evicted neighbours whose keys
+  are alike to the survivor's (cosine above ``threshold``), up to the first that is not (a
+  run between two survivors alike to both splits at its middle).  Evicted entries chained to no
   survivor are dropped.  A set scores as its best member (the default sums, as a set is
   attended as its members were; here the survivors are re-ranked at the next chunk as snapkv
   re-ranks them, and a long run of alike filler must not outrank a needle by its length).
@@ -201,17 +201,31 @@ class KVMerger(Method):
         kept = torch.zeros(n, dtype=torch.bool, device=scores.device)
         kept[keep] = True
         pos = torch.arange(n, device=scores.device)
-        similar = adjacent_similarity(keys).mean(1)[0] > self.threshold  # [n-1]: i and i+1 alike
-        run = torch.cat([pos.new_zeros(1), torch.cumsum(~similar, 0)])  # same run: chained by similar pairs
         before = torch.cummax(torch.where(kept, pos, -1), 0).values  # nearest survivor at or before
         after = torch.flip(torch.cummin(torch.flip(torch.where(kept, pos, n), [0]), 0).values, [0])
-        left = (before >= 0) & (run == run[before.clamp(min=0)])
-        right = (after < n) & (run == run[after.clamp(max=n - 1)])
+        left = self._chained(keys, kept, before.clamp(min=0), reverse=False) & (before >= 0)
+        right = self._chained(keys, kept, after.clamp(max=n - 1), reverse=True) & (after < n)
         to_right = right & (~left | (after - pos < pos - before))
         members = kept | left | right
         pivot = torch.where(to_right, after, before)[members]  # each member's survivor (itself if kept)
         rank = torch.cumsum(kept.long(), 0) - 1  # a survivor's set number
         return members, rank[pivot], kept[members].nonzero().flatten()
+
+    def _chained(self, keys: torch.Tensor, kept: torch.Tensor, survivor: torch.Tensor, reverse: bool) -> torch.Tensor:
+        """``[n]`` bool: entry i and every entry between it and ``survivor[i]`` (the nearest
+        survivor on one side) have keys alike to that survivor's (cosine above ``threshold``,
+        averaged over KV heads); survivors themselves are chained."""
+        import torch
+
+        unit = torch.nn.functional.normalize(keys[0].float(), dim=-1)  # [H, n, D]
+        alike = (unit * unit[:, survivor]).sum(-1).mean(0) > self.threshold
+        broken = (~(alike | kept)).long()
+        if reverse:  # count breaks from the right
+            broken = broken.flip(0)
+            survivor = (kept.numel() - 1 - survivor).flip(0)
+        seen = torch.cumsum(broken, 0)  # breaks at or before each entry
+        out = seen == seen[survivor]  # none between the survivor and the entry
+        return out.flip(0) if reverse else out
 
     def protected_entries(self, target: int) -> int:
         return self.n_sink + round(self.recent * target)
