@@ -193,8 +193,6 @@ class KVMerger(Method):
         as an index among the members).  ``keys`` ``[1, H, n, D]``, ``scores`` ``[1, n]``."""
         import torch
 
-        from ..attention.backends import adjacent_similarity
-
         n = scores.shape[1]
         n_recent = int(round(self.recent * target))
         keep = keep_top(self.ranking(scores).unsqueeze(1), target, self.n_sink, n_recent)[0, 0]
