@@ -201,21 +201,22 @@ class KVMerger(Method):
         pos = torch.arange(n, device=scores.device)
         before = torch.cummax(torch.where(kept, pos, -1), 0).values  # nearest survivor at or before
         after = torch.flip(torch.cummin(torch.flip(torch.where(kept, pos, n), [0]), 0).values, [0])
-        left = self._chained(keys, kept, before.clamp(min=0), reverse=False) & (before >= 0)
-        right = self._chained(keys, kept, after.clamp(max=n - 1), reverse=True) & (after < n)
+        unit = torch.nn.functional.normalize(keys[0].float(), dim=-1)  # [H, n, D], for both sides
+        left = self._chained(unit, kept, before.clamp(min=0), reverse=False) & (before >= 0)
+        right = self._chained(unit, kept, after.clamp(max=n - 1), reverse=True) & (after < n)
         to_right = right & (~left | (after - pos < pos - before))
         members = kept | left | right
         pivot = torch.where(to_right, after, before)[members]  # each member's survivor (itself if kept)
         rank = torch.cumsum(kept.long(), 0) - 1  # a survivor's set number
         return members, rank[pivot], kept[members].nonzero().flatten()
 
-    def _chained(self, keys: torch.Tensor, kept: torch.Tensor, survivor: torch.Tensor, reverse: bool) -> torch.Tensor:
+    def _chained(self, unit: torch.Tensor, kept: torch.Tensor, survivor: torch.Tensor, reverse: bool) -> torch.Tensor:
         """``[n]`` bool: entry i and every entry between it and ``survivor[i]`` (the nearest
         survivor on one side) have keys alike to that survivor's (cosine above ``threshold``,
-        averaged over KV heads); survivors themselves are chained."""
+        averaged over KV heads; ``unit``: the keys ``[H, n, D]`` normalised); survivors
+        themselves are chained."""
         import torch
 
-        unit = torch.nn.functional.normalize(keys[0].float(), dim=-1)  # [H, n, D]
         alike = (unit * unit[:, survivor]).sum(-1).mean(0) > self.threshold
         broken = (~(alike | kept)).long()
         if reverse:  # count breaks from the right
